@@ -1,0 +1,66 @@
+"""Builds the exposure_slot._C extension: C++ (OpenMP) kernels always, CUDA kernels
+when the installed torch has CUDA.
+
+Install with ``pip install -e . --no-build-isolation`` after installing torch, so
+that the extension is compiled against the torch it will be loaded into.
+
+Environment:
+  EXPOSURE_SLOT_CPU_ARCH   compiler flag selecting the CPU instruction set
+                           (default ``-march=native``; set ``-march=x86-64-v3``
+                           or similar when building a wheel for other machines).
+  FORCE_CUDA=1             build the CUDA sources even if torch reports no CUDA.
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0").
+  MAX_JOBS                 parallel compile jobs (ninja).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern: str) -> list[str]:
+    # Relative paths: setuptools rejects absolute ones in editable builds.
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def extension():
+    cpu_arch = os.environ.get("EXPOSURE_SLOT_CPU_ARCH", "-march=native")
+    cxx_flags = ["-O3", "-fopenmp", "-g0", cpu_arch, "-DEXPOSURE_SLOT_CPU"]
+    cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    cuda_sources = sources("csrc/cuda/*.cu")
+
+    want_cuda = torch.version.cuda is not None or os.environ.get("FORCE_CUDA") == "1"
+    if want_cuda and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "exposure_slot._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DEXPOSURE_SLOT_CUDA"],
+                "nvcc": ["-O3", "--use_fast_math", "-DEXPOSURE_SLOT_CUDA"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    if not want_cuda:
+        print("exposure-slot: torch has no CUDA (torch.version.cuda is None); "
+              "building the CPU kernels only")
+    return CppExtension(
+        "exposure_slot._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=["exposure_slot", "exposure_slot.ops", "exposure_slot.kernels"],
+    package_dir={"exposure_slot.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
