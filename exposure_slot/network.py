@@ -18,6 +18,8 @@ from .slot_attention import SlotInSlotAttention
 SLOTS_OF_LEVEL = {1: (3,), 2: (3, 7), 3: (3, 7, 10)}
 SIZE_POLICIES = ("pad", "resize")
 MULTIPLE = 4  # two 2x pixel-unshuffles down to the bottleneck
+# The upsampling convs reflect-pad the 1/4-resolution map, which needs 2 pixels.
+MIN_SIDE = 2 * MULTIPLE
 
 
 class ExposureOutput(NamedTuple):
@@ -126,6 +128,10 @@ class ExposureSlot(nn.Module):
     ``size_policy`` handles H or W not a multiple of 4: "pad" (default) reflect-pads
     bottom/right and crops the outputs, as the authors evaluate; "resize" resizes
     bilinearly to the multiple of 4 below and back, as their training code does.
+    The released network needs sides of at least 8 (its upsampling convs reflect-pad
+    the 1/4-resolution map); smaller sides are padded (or resized) up to 8. Under
+    "pad" the masks are cropped to ceil(H/4) x ceil(W/4); under "resize" they are at
+    the resized image's 1/4 resolution.
     """
 
     def __init__(self, level: int = 2, backend: str = "auto", size_policy: str = "pad",
@@ -179,12 +185,14 @@ class ExposureSlot(nn.Module):
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         self._check_input(x)
         height, width = x.shape[-2:]
-        x_in = self._to_multiple(x)
-        image, slot_map, masks = self._forward_aligned(x_in)
+        image, slot_map, masks = self._forward_aligned(self._to_multiple(x))
+        image = self._from_multiple(image, height, width)
         if not return_aux:
-            return self._from_multiple(image, height, width)
+            return image
         recon = self._from_multiple(self.slot_decoder(slot_map), height, width)
-        return ExposureOutput(self._from_multiple(image, height, width), masks, recon)
+        if self.size_policy == "pad":
+            masks = [m[..., :-(-height // MULTIPLE), :-(-width // MULTIPLE)] for m in masks]
+        return ExposureOutput(image, masks, recon)
 
     def _forward_aligned(self, x):
         """The network on an input whose sides are multiples of 4."""
@@ -196,14 +204,25 @@ class ExposureSlot(nn.Module):
         d1 = F.gelu(self.conv5_2(F.gelu(self.conv5_1(torch.cat([self.up2(d2), e1], dim=1)))))
         return self.conv6(d1) + x, slot_map, masks
 
+    def _aligned_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the network runs at: sides multiples of 4 and at least 8."""
+        def side(n):
+            n = -(-n // MULTIPLE) * MULTIPLE if self.size_policy == "pad" else n - n % MULTIPLE
+            return max(n, MIN_SIDE)
+        return side(height), side(width)
+
     def _to_multiple(self, x):
-        height, width = x.shape[-2:]
-        if height % MULTIPLE == 0 and width % MULTIPLE == 0:
-            return x
-        if self.size_policy == "pad":
-            return F.pad(x, (0, -width % MULTIPLE, 0, -height % MULTIPLE), mode="reflect")
-        size = (height - height % MULTIPLE, width - width % MULTIPLE)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        height, width = self._aligned_size(*x.shape[-2:])
+        if self.size_policy == "resize":
+            if x.shape[-2:] == (height, width):
+                return x
+            return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+        # Reflect padding must be narrower than the side, so tiny inputs grow in steps.
+        while x.shape[-2:] != (height, width):
+            pad_h = min(height - x.shape[-2], x.shape[-2] - 1)
+            pad_w = min(width - x.shape[-1], x.shape[-1] - 1)
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+        return x
 
     def _from_multiple(self, y, height, width):
         if y.shape[-2:] == (height, width):
