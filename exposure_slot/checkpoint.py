@@ -121,13 +121,14 @@ def read_state_dict(src) -> tuple[dict[str, torch.Tensor], str]:
             raise CheckpointError(f"checkpoint {name!r} does not exist or is not a file")
         try:
             src = torch.load(name, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"checkpoint {name!r} holds objects other than tensors and plain containers; "
-                "if you trust it, load it with torch.load(path, weights_only=False) and pass "
-                f"its state_dict instead ({err})") from None
         except Exception as err:  # torch.load raises many types for damaged files
-            raise CheckpointError(f"checkpoint {name!r} is not a readable PyTorch file: {err}") from None
+            if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+                raise CheckpointError(
+                    f"checkpoint {name!r} holds Python objects other than tensors and plain "
+                    "containers; if you trust it, load it with torch.load(path, "
+                    "weights_only=False) and pass its state_dict instead") from None
+            detail = f"{type(err).__name__}: {err}"[:200]
+            raise CheckpointError(f"checkpoint {name!r} is not a readable PyTorch file ({detail})") from None
     if isinstance(src, Mapping) and "model" in src and isinstance(src["model"], Mapping):
         src = src["model"]
     if not isinstance(src, Mapping) or not all(

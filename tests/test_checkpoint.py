@@ -228,3 +228,20 @@ def test_truncated_file(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.pth"):
         es.load_official(cut)
+
+
+def test_pickled_objects_are_refused_with_advice(tmp_path):
+    import argparse
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": random_authors_state_dict(2), "args": argparse.Namespace(lr=2e-4)}, path)
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        es.load_official(path)
+    checkpoint = torch.load(path, weights_only=False)  # what the message tells a user to do
+    assert es.load_official(checkpoint).level == 2
+
+
+def test_empty_file_names_the_error(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"not a readable PyTorch file \(EOFError"):
+        es.load_official(path)
