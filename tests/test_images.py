@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 import zlib
 
 import numpy as np
+import png
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from exposure_slot import images
 from exposure_slot.images import (
     ImageReadError,
     atomic_write,
     colorize_masks,
-    encode_png,
     read_image,
     save_image,
 )
@@ -159,6 +158,7 @@ def test_png16_gray_and_gray_alpha(tmp_path):
     assert img.bit_depth == 16
     np.testing.assert_array_equal((img.tensor[0, 1].double() * 65535).round().numpy(), la[..., 0])
     np.testing.assert_array_equal((img.alpha.astype(np.float64) * 65535).round(), la[..., 1])
+    assert any("grayscale with alpha" in n for n in img.notes)
 
 
 def test_png16_write_read_round_trip(tmp_path):
@@ -175,10 +175,22 @@ def test_png16_write_read_round_trip(tmp_path):
     np.testing.assert_array_equal(got, samples)
 
 
-def test_encode_png_matches_pillow_for_8bit():
-    arr = (_ramp(5, 8) * 255).astype(np.uint8)
-    with Image.open(io.BytesIO(encode_png(arr))) as im:
-        np.testing.assert_array_equal(np.asarray(im), arr)
+def test_png16_rgba_write_is_valid_for_pillow(tmp_path):
+    """A 16-bit RGBA output decodes in an independent decoder (Pillow keeps the
+    high bytes) and reads back exactly, alpha included."""
+    rng = np.random.default_rng(2)
+    samples = rng.integers(0, 65536, (6, 9, 4), dtype=np.uint16)
+    samples[0, 0] = [0x0001, 0x00FF, 0xFF01, 0x0002]  # values that live in the low byte
+    x = samples.astype(np.float32) / 65535
+    save_image(tmp_path / "a.png", x[..., :3], bit_depth=16, alpha=x[..., 3])
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.mode == "RGBA" and im.size == (9, 6)
+        np.testing.assert_array_equal(np.asarray(im), samples >> 8)
+    back = read_image(tmp_path / "a.png")
+    assert back.bit_depth == 16
+    np.testing.assert_array_equal((back.tensor[0].permute(1, 2, 0).double() * 65535).round().numpy(),
+                                  samples[..., :3])
+    np.testing.assert_array_equal((back.alpha.astype(np.float64) * 65535).round(), samples[..., 3])
 
 
 # ---------------------------------------------------------------- conversions
@@ -215,6 +227,18 @@ def test_exif_orientation_16bit_png(tmp_path):
     assert img.bit_depth == 16 and img.tensor.shape == (1, 3, 4, 6)
     assert img.tensor[0, :, -1, -1].tolist() == [1.0, 1.0, 1.0]
     assert img.tensor[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(tmp_path, orientation):
+    arr = (_ramp(5, 7, seed=orientation) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr).save(tmp_path / "o.png", exif=exif.tobytes())
+    with Image.open(tmp_path / "o.png") as im:
+        expected = np.asarray(ImageOps.exif_transpose(im))
+    img = read_image(tmp_path / "o.png")
+    np.testing.assert_array_equal((img.tensor[0].permute(1, 2, 0) * 255).round().numpy(), expected)
 
 
 def test_grayscale_and_palette_become_rgb(tmp_path):
@@ -307,11 +331,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "x.png"
     target.write_bytes(b"previous")
 
-    def broken_encode(*args, **kwargs):
+    def broken_encode(self, outfile, rows):
+        outfile.write(b"half a 16-bit image")
         raise RuntimeError("encoder exploded")
 
-    monkeypatch.setattr(images, "encode_png", broken_encode)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr(png.Writer, "write_packed", broken_encode)
+    with pytest.raises(RuntimeError, match="encoder exploded"):
         save_image(target, _ramp(4, 4), bit_depth=16)
     assert _leftovers(tmp_path) == ["x.png"] and target.read_bytes() == b"previous"
 
