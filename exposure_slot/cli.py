@@ -24,8 +24,6 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-MULTIPLE = 4  # the network works on sides that are multiples of 4
-
 _DESCRIPTION = """\
 Exposure-slot (CVPR 2025): correct under- and over-exposed regions of photos.
 Run 'exposure-slot COMMAND --help' for the options of a command.
@@ -94,12 +92,6 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _backend_names() -> list[str]:
-    from . import available_backends
-
-    return ["auto"] + list(available_backends())
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exposure-slot",
@@ -107,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from . import __version__, available_backends
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -137,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     enhance.add_argument("--backend", default="auto", metavar="NAME",
                          help="implementation of the slot attention: 'auto' (default) takes "
                               "the fastest one available; 'reference' is plain PyTorch. "
-                              f"Available here: {', '.join(_backend_names())}")
+                              f"Available here: auto, {', '.join(available_backends())}")
     enhance.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="where to compute: 'auto' (default) uses a CUDA GPU if there is one")
     enhance.add_argument("--size-policy", choices=("pad", "resize"), default="pad",
@@ -195,19 +187,18 @@ def _pick_device(name: str):
     return torch.device(name)
 
 
-def _check_backend(name: str) -> None:
-    available = _backend_names()
-    if name not in available:
-        raise _UsageError(f"backend {name!r} is not available; choose one of: {', '.join(available)}")
-
-
 def _build_model(args):
     """The network, ready for inference, or a _UsageError."""
     import torch
 
     from . import CheckpointError, ExposureSlot, load_official
 
-    _check_backend(args.backend)
+    from .backends import validate_backend
+
+    try:
+        validate_backend(args.backend)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     device = _pick_device(args.device)
     if args.random_weights:
         torch.manual_seed(args.seed)
@@ -244,11 +235,9 @@ def _build_model(args):
 
 def _resolved_backend(model, device) -> str:
     """What actually runs, e.g. "auto -> cpu"."""
+    from .backends import resolve_backend
+
     name = model.backend
-    try:
-        from .backends import resolve_backend
-    except ImportError:  # pragma: no cover - the name alone then
-        return name
     concrete = resolve_backend(name, device)
     return f"auto -> {concrete}" if name == "auto" else concrete
 
@@ -258,16 +247,15 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
-def _size_note(height: int, width: int, policy: str) -> str:
-    if height % MULTIPLE == 0 and width % MULTIPLE == 0:
-        return policy
-    if policy == "pad":
-        ph, pw = height + (-height % MULTIPLE), width + (-width % MULTIPLE)
-        return (f"pad ({width}x{height} is not a multiple of {MULTIPLE}: reflect-padded to "
-                f"{pw}x{ph}, result cropped back)")
-    rh, rw = height - height % MULTIPLE, width - width % MULTIPLE
-    return (f"resize ({width}x{height} is not a multiple of {MULTIPLE}: resized to {rw}x{rh} "
-            f"for the network, result resized back)")
+def _size_note(model, height: int, width: int) -> str:
+    aligned_h, aligned_w = model.aligned_size(height, width)
+    if (aligned_h, aligned_w) == (height, width):
+        return model.size_policy
+    if model.size_policy == "pad":
+        return (f"pad ({width}x{height} reflect-padded to {aligned_w}x{aligned_h}, "
+                "result cropped back)")
+    return (f"resize ({width}x{height} resized to {aligned_w}x{aligned_h} for the network, "
+            "result resized back)")
 
 
 def _output_name(path: Path, source_format: str) -> str:
@@ -374,7 +362,7 @@ def _cmd_enhance(args) -> int:
         written = out_path.name + (f" + {mask_path.name}" if args.save_masks else "")
         say(f"{prefix}{path} -> {outdir / written}")
         say(f"    {image.width}x{image.height} {depth}; backend {backend}; size policy "
-            f"{_size_note(image.height, image.width, model.size_policy)}; "
+            f"{_size_note(model, image.height, image.width)}; "
             f"network {net_seconds:.2f} s, total {seconds:.2f} s")
         for note in image.notes:
             say(f"    note: {note}")

@@ -204,7 +204,7 @@ class ExposureSlot(nn.Module):
         d1 = F.gelu(self.conv5_2(F.gelu(self.conv5_1(torch.cat([self.up2(d2), e1], dim=1)))))
         return self.conv6(d1) + x, slot_map, masks
 
-    def _aligned_size(self, height: int, width: int) -> tuple[int, int]:
+    def aligned_size(self, height: int, width: int) -> tuple[int, int]:
         """The size the network runs at: sides multiples of 4 and at least 8."""
         def side(n):
             n = -(-n // MULTIPLE) * MULTIPLE if self.size_policy == "pad" else n - n % MULTIPLE
@@ -212,7 +212,7 @@ class ExposureSlot(nn.Module):
         return side(height), side(width)
 
     def _to_multiple(self, x):
-        height, width = self._aligned_size(*x.shape[-2:])
+        height, width = self.aligned_size(*x.shape[-2:])
         if self.size_policy == "resize":
             if x.shape[-2:] == (height, width):
                 return x
