@@ -96,14 +96,19 @@ def detect_level(state_dict: Mapping[str, torch.Tensor]) -> int:
     return depth
 
 
+def _level_with(num_levels: int) -> int:
+    """The model level whose slot-in-slot attention has ``num_levels`` nested levels."""
+    for level, slots in SLOTS_OF_LEVEL.items():
+        if len(slots) == num_levels:
+            return level
+    raise CheckpointError(f"exposure-slot state_dict with {num_levels} slot levels; expected 1 to 3")
+
+
 def _detect_our_level(state_dict: Mapping[str, torch.Tensor]) -> int:
     depth = 0
     while f"bottleneck.slot_attention.levels.{depth}.slots_mu" in state_dict:
         depth += 1
-    for level, slots in SLOTS_OF_LEVEL.items():
-        if len(slots) == depth:
-            return level
-    raise CheckpointError(f"exposure-slot state_dict with {depth} slot levels; expected 1 to 3")
+    return _level_with(depth)
 
 
 def _sample(keys, count: int = 3) -> str:
@@ -185,7 +190,7 @@ def from_official_slot_attention_state(state_dict: Mapping[str, torch.Tensor],
                                        num_levels: int) -> OrderedDict:
     """A ``SlotInSlotAttention`` state_dict from the authors' top slot module's own
     state_dict (their names without ``TransformerBlock.blocks.0.0.slot_list.0.``)."""
-    level = next(lv for lv, slots in SLOTS_OF_LEVEL.items() if len(slots) == num_levels)
+    level = _level_with(num_levels)
     top = _slot_level_prefixes(1)[0]
     unused = _unused_keys(level)
     table = _prefix_table(level)
