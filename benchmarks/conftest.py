@@ -1,11 +1,17 @@
-"""pytest-benchmark setup for the kernel benchmarks: sizes (full or short), machine
-info, and an end-of-session table of medians, ratios and memory floors.
+"""pytest-benchmark setup shared by every benchmark file: sizes (full or short), machine
+info, and an end-of-session table of medians, ratios, peak memory and notes.
 
 Run from the repository root:
     python -m pytest benchmarks/                  # full sizes
     python -m pytest benchmarks/ --bench-short    # CI: small sizes, few rounds
                                                   # (or EXPOSURE_SLOT_BENCH_SHORT=1)
     python -m pytest benchmarks/ --bench-plain-malloc   # leave glibc's malloc as is
+
+A benchmark file times each implementation with ``record.time(benchmark, group,
+backend, target)``; rows with the same group are compared in the summary: the
+median of every backend, and "x/fast" ratios of the reference and compiled backends
+over each fast one measured in the same run. ``record.note`` and ``record.peak``
+add a floor or a peak memory to a group.
 
 By default the session first tells glibc to keep freed memory (see
 keep_freed_memory); README.md explains why and what plain malloc costs.
@@ -21,36 +27,50 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-FULL = {"tokens": [128 * 128, 256 * 256], "slots": [3, 7], "rounds": 30}
-SHORT = {"tokens": [32 * 32], "slots": [3], "rounds": 3}
-BACKENDS = ("reference", "compiled", "cpu")
+# Backends in summary order; the first two are what the fast ones are measured against.
+BASELINES = ("reference", "compiled")
 
 
 @dataclass
-class Results:
-    """Medians (s) per (pass, K, N) and backend, the traffic of each pass (bytes, fresh
-    [N,C] outputs), and the copy timings per N: (bytes of one tensor, median s)."""
-    medians: dict[tuple, dict[str, float]] = field(default_factory=dict)
-    traffic: dict[tuple, tuple[int, int]] = field(default_factory=dict)
-    copy: dict[int, tuple[int, float]] = field(default_factory=dict)
-    fresh_copy: dict[int, tuple[int, float]] = field(default_factory=dict)
+class Group:
+    medians: dict[str, float] = field(default_factory=dict)  # backend -> seconds
+    peaks: dict[str, int] = field(default_factory=dict)  # backend -> bytes
+    notes: list[str] = field(default_factory=list)
 
-    def floors(self, key) -> tuple[float, float] | None:
-        """The time the pass needs at the copy_ bandwidth, and that plus what its
-        fresh outputs cost to allocate (clone minus copy_)."""
-        tokens = key[2]
-        if tokens not in self.copy or tokens not in self.fresh_copy:
+
+class Recorder:
+    """Collects the session's measurements for the summary table."""
+
+    def __init__(self, short: bool):
+        self.short = short
+        self.groups: dict[str, Group] = {}
+
+    def group(self, name: str) -> Group:
+        return self.groups.setdefault(name, Group())
+
+    def time(self, benchmark, group: str, backend: str, target, rounds: int,
+             warmup_rounds: int = 2) -> float | None:
+        """Times ``target`` (which must return None: pytest-benchmark keeps a returned
+        result alive into the next round) after one untimed call (compilation);
+        returns the median in seconds, None under --benchmark-disable."""
+        target()
+        benchmark.group = group
+        benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds)
+        if benchmark.stats is None:
             return None
-        size, copy_s = self.copy[tokens]
-        bytes_moved, fresh_outputs = self.traffic[key]
-        bandwidth = 2 * size / copy_s
-        floor = bytes_moved / bandwidth
-        return floor, floor + fresh_outputs * (self.fresh_copy[tokens][1] - copy_s)
+        seconds = benchmark.stats.stats.median
+        self.group(group).medians[backend] = seconds
+        return seconds
+
+    def peak(self, group: str, backend: str, nbytes: int) -> None:
+        self.group(group).peaks[backend] = nbytes
+
+    def note(self, group: str, text: str) -> None:
+        if text not in self.group(group).notes:
+            self.group(group).notes.append(text)
 
 
-RESULTS = pytest.StashKey[Results]()
-
-
+RECORDER = pytest.StashKey[Recorder]()
 MALLOC_MODE = pytest.StashKey[str]()
 
 
@@ -77,32 +97,26 @@ def keep_freed_memory() -> bool:
         libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def is_short(config) -> bool:
+    return bool(config.getoption("--bench-short")
+                or os.environ.get("EXPOSURE_SLOT_BENCH_SHORT") == "1")
+
+
 def pytest_configure(config):
-    config.stash[RESULTS] = Results()
+    config.stash[RECORDER] = Recorder(is_short(config))
     kept = not config.getoption("--bench-plain-malloc") and keep_freed_memory()
     config.stash[MALLOC_MODE] = "freed memory kept" if kept else "plain malloc"
 
 
-def sizes(config) -> dict:
-    short = config.getoption("--bench-short") or os.environ.get("EXPOSURE_SLOT_BENCH_SHORT") == "1"
-    return SHORT if short else FULL
-
-
-def pytest_generate_tests(metafunc):
-    for name, prefix in (("tokens", "N"), ("slots", "K")):
-        if name in metafunc.fixturenames:
-            metafunc.parametrize(name, sizes(metafunc.config)[name],
-                                 ids=lambda v, p=prefix: f"{p}{v}")
+@pytest.fixture
+def record(pytestconfig) -> Recorder:
+    return pytestconfig.stash[RECORDER]
 
 
 @pytest.fixture
-def rounds(pytestconfig) -> int:
-    return sizes(pytestconfig)["rounds"]
-
-
-@pytest.fixture
-def results(pytestconfig) -> Results:
-    return pytestconfig.stash[RESULTS]
+def short(pytestconfig) -> bool:
+    """True in CI's short mode: small sizes, few rounds."""
+    return is_short(pytestconfig)
 
 
 def cpu_model() -> str:
@@ -124,33 +138,29 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    res = config.stash.get(RESULTS, None)
-    if res is None or not res.medians:
+    recorder = config.stash.get(RECORDER, None)
+    if recorder is None or not any(g.medians for g in recorder.groups.values()):
         return
     write = terminalreporter.write_line
-    terminalreporter.section("mask_fusion medians (ms), B=1 C=128 float32, with base")
+    terminalreporter.section("benchmark medians (ms) and ratios")
     write(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{config.stash[MALLOC_MODE]}, load average {os.getloadavg()[0]:.2f}")
-    write("ref/cpu, comp/cpu: backend median over cpu median. floor: bytes moved at the "
-          "copy_ bandwidth; +alloc: plus faulting in fresh outputs")
-    header = ("pass", "K", "N", "reference", "compiled", "cpu", "ref/cpu", "comp/cpu",
-              "floor", "+alloc", "cpu/+alloc")
-    widths = (17, 3, 7, 11, 10, 8, 9, 10, 8, 8, 12)
-    write("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths))))
-    for key in sorted(res.medians):
-        m = res.medians[key]
-        cells = [key[0], *key[1:]]
-        cells += [f"{m[b] * 1e3:.2f}" if b in m else "-" for b in BACKENDS]
-        cells += [f"{m[b] / m['cpu']:.2f}" if b in m and "cpu" in m else "-"
-                  for b in ("reference", "compiled")]
-        floors = res.floors(key)
-        cells += [f"{f * 1e3:.2f}" for f in floors] if floors else ["-", "-"]
-        cells.append(f"{m['cpu'] / floors[1]:.2f}" if floors and "cpu" in m else "-")
-        write("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
-    for tokens in sorted(res.copy):
-        size, copy_s = res.copy[tokens]
-        line = (f"N={tokens}: copy_ of a {size / 2**20:.0f} MiB tensor {copy_s * 1e3:.3f} ms = "
-                f"{2 * size / copy_s / 1e9:.1f} GB/s (read + write)")
-        if tokens in res.fresh_copy:
-            line += f"; clone {res.fresh_copy[tokens][1] * 1e3:.3f} ms"
-        write(line)
+    write("x/fast: the reference's (or compiled's) median over the fast backend's, "
+          "both measured in this run")
+    for name, group in recorder.groups.items():
+        if not group.medians:
+            continue
+        write("")
+        write(name)
+        fast = [b for b in group.medians if b not in BASELINES]
+        cells = [f"{b} {group.medians[b] * 1e3:.2f}" for b in (*BASELINES, *fast)
+                 if b in group.medians]
+        for backend in fast:
+            cells += [f"{base}/{backend} {group.medians[base] / group.medians[backend]:.2f}x"
+                      for base in BASELINES if base in group.medians]
+        write("  " + "   ".join(cells))
+        if group.peaks:
+            write("  peak extra memory: " + "   ".join(
+                f"{b} {n / 2**20:.1f} MiB" for b, n in group.peaks.items()))
+        for text in group.notes:
+            write("  " + text)

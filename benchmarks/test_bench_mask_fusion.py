@@ -1,32 +1,56 @@
 """mask_fusion benchmarks: forward and forward+backward at B=1, C=128, float32, with a
-base (the model's ``k * pf`` shape), for the backends reference (the PyTorch twin),
-compiled (torch.compile of the twin) and cpu (the C++ kernels), plus a tensor copy of
-the same size that gives the memory floor. See README.md for the numbers."""
+base and one factor (the model's running-modulation update ``M * pf``), for the
+backends reference (the PyTorch twin), compiled (torch.compile of the twin) and cpu
+(the C++ kernels), with the memory floor of each pass (its bytes at the copy_
+bandwidth measured in the same run). See README.md for the numbers."""
 
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 import torch
+from conftest import is_short
 
 from exposure_slot.ops import cpu_kernels_available, mask_fusion, mask_fusion_reference
 
 CHANNELS = 128
 BYTES = 4  # float32
+SIZES = {True: {"tokens": [32 * 32], "slots": [3]},  # short mode
+         False: {"tokens": [128 * 128, 256 * 256], "slots": [3, 7]}}
 
 
-def traffic(pass_name: str, slots: int, tokens: int) -> tuple[int, int, int]:
-    """The fewest bytes a pass must move, the flops it does (the K*C table ignored),
-    and how many fresh [N,C] outputs it allocates. Forward reads masks and base and
-    writes out; backward reads grad, masks and base and writes grad_base and
-    grad_masks, recomputing the mixture."""
+def pytest_generate_tests(metafunc):
+    chosen = SIZES[is_short(metafunc.config)]
+    for name, prefix in (("tokens", "N"), ("slots", "K")):
+        if name in metafunc.fixturenames:
+            metafunc.parametrize(name, chosen[name], ids=lambda v, p=prefix: f"{p}{v}")
+
+
+def traffic(pass_name: str, slots: int, tokens: int) -> tuple[int, int]:
+    """The fewest bytes a pass must move and the flops it does (the K*C table
+    ignored). Forward reads masks and base and writes out; backward reads grad, masks
+    and base and writes grad_base and grad_masks, recomputing the mixture."""
     n, k, c = tokens, slots, CHANNELS
-    forward = (BYTES * n * (k + 2 * c), n * c * (2 * k + 1), 1)
+    forward = (BYTES * n * (k + 2 * c), n * c * (2 * k + 1))
     if pass_name == "forward":
         return forward
-    return (forward[0] + BYTES * n * (3 * c + 2 * k), forward[1] + n * c * (6 * k + 2),
-            forward[2] + 1)
+    return forward[0] + BYTES * n * (3 * c + 2 * k), forward[1] + n * c * (6 * k + 2)
+
+
+@functools.cache
+def copy_bandwidth(tokens: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` for one [1, N, C] float32 tensor
+    (read + write counted), the median of 21 copies."""
+    src = torch.randn(1, tokens, CHANNELS)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(21):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.nbytes / sorted(times)[len(times) // 2]
 
 
 def implementation(backend: str):
@@ -44,64 +68,37 @@ def make_inputs(slots: int, tokens: int):
     table = torch.randn(1, slots, CHANNELS, generator=gen)
     base = torch.randn(1, tokens, CHANNELS, generator=gen)
     grad = torch.randn(1, tokens, CHANNELS, generator=gen)
-    return masks, table, base, grad
+    return [masks], [table], base, grad
 
 
-def median(benchmark) -> float | None:
-    """The benchmark's median in seconds; None under --benchmark-disable."""
-    return None if benchmark.stats is None else benchmark.stats.stats.median
-
-
-def run_benchmark(benchmark, results, pass_name, backend, slots, tokens, target, rounds):
-    """Times target, which must return None: pytest-benchmark keeps a returned result
-    alive into the next round, so each round would allocate its outputs afresh."""
-    target()  # compiles the torch.compile backend outside the timed rounds
-    benchmark.group = f"mask_fusion {pass_name} K={slots} N={tokens}"
-    bytes_moved, flops, fresh_outputs = traffic(pass_name, slots, tokens)
+def run(benchmark, record, short, pass_name, backend, slots, tokens, target):
+    group = f"mask_fusion {pass_name}, K={slots} N={tokens} C={CHANNELS} float32"
+    bytes_moved, flops = traffic(pass_name, slots, tokens)
     benchmark.extra_info.update(bytes_moved=bytes_moved, flops=flops)
-    benchmark.pedantic(target, rounds=rounds, warmup_rounds=2)
-    key = (pass_name, slots, tokens)
-    results.traffic[key] = (bytes_moved, fresh_outputs)
-    if median(benchmark) is not None:
-        results.medians.setdefault(key, {})[backend] = median(benchmark)
+    record.time(benchmark, group, backend, target, rounds=3 if short else 30)
+    record.note(group, f"{bytes_moved / 1e6:.1f} MB, {flops / 1e6:.1f} MFLOP; floor at the "
+                       f"copy_ bandwidth: {bytes_moved / copy_bandwidth(tokens) * 1e3:.2f} ms")
 
 
 @pytest.mark.parametrize("backend", ["reference", "compiled", "cpu"])
-def test_forward(benchmark, results, rounds, backend, slots, tokens):
+def test_forward(benchmark, record, short, backend, slots, tokens):
     fuse = implementation(backend)
-    masks, table, base, _ = make_inputs(slots, tokens)
+    masks, tables, base, _ = make_inputs(slots, tokens)
 
-    def forward():
+    def forward():  # returns None: see Recorder.time
         with torch.no_grad():
-            fuse(masks, table, base)
+            fuse(masks, tables, base)
 
-    run_benchmark(benchmark, results, "forward", backend, slots, tokens, forward, rounds)
+    run(benchmark, record, short, "forward", backend, slots, tokens, forward)
 
 
 @pytest.mark.parametrize("backend", ["reference", "compiled", "cpu"])
-def test_forward_backward(benchmark, results, rounds, backend, slots, tokens):
+def test_forward_backward(benchmark, record, short, backend, slots, tokens):
     fuse = implementation(backend)
-    masks, table, base, grad = make_inputs(slots, tokens)
-    leaves = [t.requires_grad_() for t in (masks, table, base)]
+    masks, tables, base, grad = make_inputs(slots, tokens)
+    leaves = [masks[0].requires_grad_(), tables[0].requires_grad_(), base.requires_grad_()]
 
     def forward_backward():
-        torch.autograd.grad(fuse(*leaves), leaves, grad)
+        torch.autograd.grad(fuse(masks, tables, base), leaves, grad)
 
-    run_benchmark(benchmark, results, "forward_backward", backend, slots, tokens,
-                  forward_backward, rounds)
-
-
-@pytest.mark.parametrize("fresh", [False, True], ids=["copy_", "clone"])
-def test_copy_floor(benchmark, results, rounds, tokens, fresh):
-    """Copying one [1,N,C] tensor: into an existing one (copy_, the bandwidth the
-    floors use) and into a freshly allocated one (clone, which adds what every
-    out-of-place op pays to allocate its output and fault its pages in)."""
-    src = torch.randn(1, tokens, CHANNELS)
-    dst = torch.empty_like(src)
-    def target():  # returns None, as run_benchmark explains
-        src.clone() if fresh else dst.copy_(src)
-
-    benchmark.group = f"copy N={tokens}"
-    benchmark.pedantic(target, rounds=rounds * 5, warmup_rounds=2)
-    if median(benchmark) is not None:
-        (results.fresh_copy if fresh else results.copy)[tokens] = (src.nbytes, median(benchmark))
+    run(benchmark, record, short, "forward+backward", backend, slots, tokens, forward_backward)

@@ -10,17 +10,49 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(exposure_slot, m) {
-  // out[b,n,c] = (base[b,n,c] or 1) * sum_i masks[b,i,n] * table[tb,i,c],
-  // masks [B,K,N], table [B or 1,K,C], base [B,N,C] -> out [B,N,C].
+  // The product of J >= 1 mask-weighted fusions ("mixtures") and an optional base:
+  //   out[b,n,c] = (base[b,n,c] or 1) * prod_j sum_i masks[j][b,i,n] * tables[j][tb,i,c],
+  // masks[j] [B,K_j,N], tables[j] [B or 1,K_j,C], base [B,N,C] -> out [B,N,C].
+  // base has no default: torch.library's autograd for ops with tensor lists
+  // matches gradients to the arguments actually passed, which a default varies.
   m.set_python_module("exposure_slot.ops.mask_fusion");
+  m.def("mask_fusion(Tensor[] masks, Tensor[] tables, Tensor? base) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // In place, base <- base * prod_j mixture_j; not differentiable.
+  m.def("mask_fusion_(Tensor[] masks, Tensor[] tables, Tensor(a!) base) -> ()",
+        {at::Tag::pt2_compliant_tag});
   m.def(
-      "mask_fusion(Tensor masks, Tensor table, Tensor? base=None) -> Tensor",
+      "mask_fusion_backward(Tensor grad, Tensor[] masks, Tensor[] tables, Tensor? base)"
+      " -> (Tensor[] grad_masks, Tensor[] grad_tables, Tensor? grad_base)",
       {at::Tag::pt2_compliant_tag});
-  // Gradients of mask_fusion for an output gradient `grad` [B,N,C]. grad_base
-  // is None exactly when base is None.
+
+  // One slot-attention pass of one level, its inputs seen through a chain of D
+  // LayerNorm + modulation stages (csrc/cpu/slot_attention_pass.cpp has the
+  // formula; the stages listed in base_stages multiply the matching stage_bases,
+  // and every stage its factors):
+  // attn [B,K,N] (softmax over slots, + attn_eps), attn_sum [B,K] and attn_v
+  // [B,K,C], the sums over tokens of attn and attn * v; and stats [B,N,D,4], the
+  // LayerNorm statistics of every stage, which a later pass through the same
+  // stages takes as its `stats` input (any leading S <= D of them) instead of
+  // recomputing. stats is a cache: not differentiable, ignored by the backward.
+  m.set_python_module("exposure_slot.ops.slot_attention_pass");
   m.def(
-      "mask_fusion_backward(Tensor grad, Tensor masks, Tensor table, Tensor? base)"
-      " -> (Tensor grad_masks, Tensor grad_table, Tensor? grad_base)",
+      "slot_attention_pass(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
+      "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
+      "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
+      "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps) "
+      "-> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "slot_attention_pass_backward(Tensor grad_attn, Tensor grad_attn_sum, "
+      "Tensor grad_attn_v, Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
+      "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
+      "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
+      "int[] factor_stages, Tensor queries, float norm_eps, float attn_eps) "
+      "-> (Tensor grad_k_in, Tensor grad_v_in, "
+      "Tensor grad_norm_k_weight, Tensor grad_norm_k_bias, Tensor grad_norm_v_weight, "
+      "Tensor grad_norm_v_bias, Tensor[] grad_stage_bases, Tensor[] grad_factor_masks, "
+      "Tensor[] grad_factor_tables, Tensor grad_queries)",
       {at::Tag::pt2_compliant_tag});
 }
 

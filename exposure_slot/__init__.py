@@ -5,6 +5,9 @@ Public API:
     SlotInSlotAttention     the nested slot attention module, usable on its own
     load_official           an ExposureSlot from the authors' released checkpoint
     export_official         our weights back in the authors' layout
+    load_pretrained         weights shipped with the package ("demo")
+    optimize_for_inference  a frozen, faster copy of a model for CPU inference
+    infer_large             exact inference on images of any size in bounded memory
     available_backends      the kernel backends that work on this install
 """
 
@@ -12,8 +15,11 @@ import torch  # noqa: F401  (torch first: the extension links against its librar
 
 from .backends import available_backends
 from .checkpoint import CheckpointError, export_official, load_official
+from .inference import InferenceExposureSlot, optimize_for_inference
 from .network import ExposureOutput, ExposureSlot
+from .pretrained import load_pretrained
 from .slot_attention import SlotAttentionOutput, SlotInSlotAttention
+from .tiling import infer_large
 
 __all__ = [
     "ExposureSlot",
@@ -22,6 +28,10 @@ __all__ = [
     "SlotAttentionOutput",
     "load_official",
     "export_official",
+    "load_pretrained",
+    "optimize_for_inference",
+    "InferenceExposureSlot",
+    "infer_large",
     "CheckpointError",
     "available_backends",
 ]

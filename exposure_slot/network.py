@@ -64,12 +64,51 @@ class FeedForward(nn.Module):
         return self.project(F.gelu(self.depthwise(F.gelu(self.expand(x)))))
 
 
+class MapRows:
+    """Rows of a ``[B, C, h, w]`` map, band by band, for ``BottleneckBlock.forward_rows``.
+
+    ``shape`` is the map's shape and ``memory_format`` the layout wanted for the
+    block's output. ``rows(top, bottom)`` returns rows ``[top, bottom)``. The block
+    reads every row once, calls ``release()``, then reads overlapping bands once
+    more; a source that can recompute rows may free the map on ``release()``. This
+    one holds a tensor.
+    """
+
+    def __init__(self, z: torch.Tensor):
+        self.shape = z.shape
+        # The block's output takes this layout (channels-last in, channels-last out).
+        self.memory_format = (torch.channels_last if not z.is_contiguous()
+                              and z.is_contiguous(memory_format=torch.channels_last)
+                              else torch.contiguous_format)
+        self._z = z
+
+    def rows(self, top: int, bottom: int) -> torch.Tensor:
+        return self._z[:, :, top:bottom]
+
+    def release(self) -> None:
+        """The map itself stays with whoever passed it in."""
+
+
 class BottleneckBlock(nn.Module):
     """Slot-in-slot modulated channel attention plus feed-forward, on a [B,C,h,w] map.
 
     Returns the new map, the slot map ``[B,C,h,w]`` (input of the slot decoder) and
     the per-level masks ``[B,K,h,w]``.
+
+    With autograd off (``torch.no_grad``/``inference_mode``) the block runs a
+    memory-lean path (``forward_rows``) with the same results up to float rounding:
+    it holds ``k`` and ``v`` (which the slot attention needs whole), the slot
+    attention's outputs and its own output, and streams everything else through
+    bands of about ``chunk_tokens`` tokens. The channel attention only needs sums
+    over tokens (column norms and the C x C gram matrix ``k^T q``), so ``q`` is
+    never held whole; the feed-forward runs on bands of rows that overlap by its
+    depthwise convolution's reach. ``keep_slot_map=False`` drops the slot map
+    (returned as None) as soon as the slot attention has made it.
     """
+
+    # Big enough for efficient matmuls, small enough that a band's feed-forward
+    # hidden maps (4C channels, 64 MiB each at C=128 in float32) stay modest.
+    chunk_tokens = 32768
 
     def __init__(self, dim: int = 128, slots=(3, 7), iters: int = 3, backend: str = "auto"):
         super().__init__()
@@ -82,9 +121,11 @@ class BottleneckBlock(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, z):
-        batch, dim, h, w = z.shape
-        x = z.flatten(2).transpose(1, 2)  # tokens [B, N, C], row-major over (h, w)
+    def forward(self, z, keep_slot_map: bool = True):
+        if not torch.is_grad_enabled():
+            return self.forward_rows(MapRows(z), keep_slot_map)
+        batch, _, h, w = z.shape
+        x = _tokens(z)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         prompt_map, slot_map, masks = self.slot_attention(k, v)
         v = v * prompt_map
@@ -94,11 +135,77 @@ class BottleneckBlock(nn.Module):
         attn = (torch.bmm(kh.transpose(1, 2), qh) * self.rescale).softmax(dim=-1)  # [B, C, C]
         y = torch.bmm(v, attn.transpose(1, 2))  # (attn @ v^T)^T
         x = x + self.proj(y)
-        ff_in = self.norm(x).transpose(1, 2).reshape(batch, dim, h, w)
-        out = x.transpose(1, 2).reshape(batch, dim, h, w) + self.ff(ff_in)
-        slot_map = slot_map.transpose(1, 2).reshape(batch, dim, h, w)
-        masks = [m.view(batch, -1, h, w) for m in masks]
-        return out, slot_map, masks
+        out = _as_map(x, h, w) + self.ff(_as_map(self.norm(x), h, w))
+        return (out, _as_map(slot_map, h, w) if keep_slot_map else None,
+                [m.view(batch, -1, h, w) for m in masks])
+
+    def forward_rows(self, source: MapRows, keep_slot_map: bool = True):
+        """The no-grad forward of the map that ``source`` gives band by band."""
+        batch, dim, h, w = source.shape
+        band = max(1, self.chunk_tokens // w)
+        weight = self.to_k.weight
+        k = weight.new_empty(batch, h * w, dim)
+        v = weight.new_empty(batch, h * w, dim)
+        gram = weight.new_zeros(batch, dim, dim)  # sum over tokens of k^T q
+        k_sq = weight.new_zeros(batch, dim)
+        q_sq = weight.new_zeros(batch, dim)
+        for top in range(0, h, band):
+            bottom = min(h, top + band)
+            x = _tokens(source.rows(top, bottom))
+            q_chunk, k_chunk = self.to_q(x), self.to_k(x)
+            k[:, top * w:bottom * w] = k_chunk
+            v[:, top * w:bottom * w] = self.to_v(x)
+            q_sq += q_chunk.square().sum(dim=1)
+            k_sq += k_chunk.square().sum(dim=1)
+            gram.baddbmm_(k_chunk.transpose(1, 2), q_chunk)
+            del x, q_chunk, k_chunk
+        source.release()
+        prompt_map, slot_map, masks = self.slot_attention(k, v)
+        del k
+        slot_map = _as_map(slot_map, h, w) if keep_slot_map else None
+        v.mul_(prompt_map)
+        del prompt_map
+        # F.normalize's max(norm, eps) per channel, applied to the gram's rows and columns.
+        k_norm = k_sq.sqrt().clamp_min(1e-12)
+        q_norm = q_sq.sqrt().clamp_min(1e-12)
+        cosines = gram / k_norm[:, :, None] / q_norm[:, None, :]
+        attn_t = (cosines * self.rescale).softmax(dim=-1).transpose(1, 2)
+
+        out = torch.empty(batch, dim, h, w, dtype=weight.dtype, device=weight.device,
+                          memory_format=source.memory_format)
+        # Output rows [top, bottom) need the feed-forward's input on the rows its
+        # convolutions reach beyond them; those rows are recomputed, not kept.
+        reach = _row_reach(self.ff)
+        for top in range(0, h, band):
+            bottom = min(h, top + band)
+            lo, hi = max(0, top - reach), min(h, bottom + reach)
+            x1 = _tokens(source.rows(lo, hi)) + self.proj(torch.bmm(v[:, lo * w:hi * w], attn_t))
+            y = _as_map(x1, hi - lo, w) + self.ff(_as_map(self.norm(x1), hi - lo, w))
+            out[:, :, top:bottom] = y[:, :, top - lo:bottom - lo]
+            del x1, y
+        return out, slot_map, [m.view(batch, -1, h, w) for m in masks]
+
+
+def _tokens(z: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` as tokens ``[B, h*w, C]``, row-major over (h, w); a view for
+    contiguous and channels-last maps and for bands of rows of them."""
+    return z.flatten(2).transpose(1, 2)
+
+
+def _as_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens ``[B, h*w, C]`` as a ``[B, C, h, w]`` map (a view of contiguous tokens)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def _row_reach(module: nn.Module) -> int:
+    """How many rows beyond an output row the stride-1 convolutions of ``module``,
+    applied in sequence, read: the sum of their row paddings (any module with a
+    ``padding`` attribute, so frozen copies of the convolutions count too)."""
+    reach = 0
+    for m in module.modules():
+        padding = getattr(m, "padding", 0)
+        reach += padding if isinstance(padding, int) else padding[0]
+    return reach
 
 
 class SlotDecoder(nn.Module):
@@ -120,46 +227,22 @@ class SlotDecoder(nn.Module):
         return self.conv5(x)
 
 
-class ExposureSlot(nn.Module):
-    """Exposure-slot, level 2 or 3 (or 1: plain slot attention, not released).
+class ExposureSlotBase(nn.Module):
+    """What every form of the image network shares: the level, the backend of its
+    bottleneck, input checks, the size policy and the auxiliary outputs.
 
-    ``model(x)`` corrects ``x`` ``[B,3,H,W]`` (values in [0,1]) for any H, W >= 4;
-    ``model(x, return_aux=True)`` returns ``ExposureOutput(image, masks, recon)``.
-    ``size_policy`` handles H or W not a multiple of 4: "pad" (default) reflect-pads
-    bottom/right and crops the outputs, as the authors evaluate; "resize" resizes
-    bilinearly to the multiple of 4 below and back, as their training code does.
-    The released network needs sides of at least 8 (its upsampling convs reflect-pad
-    the 1/4-resolution map); smaller sides are padded (or resized) up to 8. Under
-    "pad" the masks are cropped to ceil(H/4) x ceil(W/4); under "resize" they are at
-    the resized image's 1/4 resolution.
+    Subclasses hold ``conv1_1`` (whose weight gives the dtype and device that inputs
+    must have) and a ``bottleneck``, and implement ``_forward_aligned(x)`` ->
+    ``(image, slot_map, masks)`` on inputs whose sides are multiples of 4, and
+    ``_reconstruct(slot_map)`` -> the slot decoder's image.
     """
 
-    def __init__(self, level: int = 2, backend: str = "auto", size_policy: str = "pad",
-                 dim: int = 128, iters: int = 3):
+    def __init__(self, level: int, size_policy: str):
         super().__init__()
         if level not in SLOTS_OF_LEVEL:
             raise ValueError(f"level must be one of {sorted(SLOTS_OF_LEVEL)}, got {level!r}")
         self.level = level
         self.size_policy = size_policy
-        c = dim // 4
-        self.conv1_1 = nn.Conv2d(3, c, 3, padding=1)
-        self.conv1_2 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.down1 = Downsample(c)
-        self.conv2_2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(2 * c)
-        self.down2 = Downsample(2 * c)
-        self.conv3_2 = nn.Conv2d(4 * c, 4 * c, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(4 * c)
-        self.bottleneck = BottleneckBlock(dim, SLOTS_OF_LEVEL[level], iters, backend)
-        self.up1 = Upsample(4 * c)
-        self.conv4_1 = nn.Conv2d(4 * c, 2 * c, 3, padding=1)
-        self.conv4_2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
-        self.up2 = Upsample(2 * c)
-        self.conv5_1 = nn.Conv2d(2 * c, c, 3, padding=1)
-        self.conv5_2 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv6 = nn.Conv2d(c, 3, 1)
-        self.slot_decoder = SlotDecoder(dim)
 
     @property
     def backend(self) -> str:
@@ -189,20 +272,16 @@ class ExposureSlot(nn.Module):
         image = self._from_multiple(image, height, width)
         if not return_aux:
             return image
-        recon = self._from_multiple(self.slot_decoder(slot_map), height, width)
+        recon = self._from_multiple(self._reconstruct(slot_map), height, width)
         if self.size_policy == "pad":
             masks = [m[..., :-(-height // MULTIPLE), :-(-width // MULTIPLE)] for m in masks]
         return ExposureOutput(image, masks, recon)
 
     def _forward_aligned(self, x):
-        """The network on an input whose sides are multiples of 4."""
-        e1 = self.bn1(self.conv1_2(F.gelu(self.conv1_1(x))))
-        e2 = self.bn2(self.conv2_2(F.gelu(self.down1(e1))))
-        e3 = self.bn3(self.conv3_2(F.gelu(self.down2(e2))))
-        z, slot_map, masks = self.bottleneck(e3)
-        d2 = F.gelu(self.conv4_2(F.gelu(self.conv4_1(torch.cat([self.up1(z), e2], dim=1)))))
-        d1 = F.gelu(self.conv5_2(F.gelu(self.conv5_1(torch.cat([self.up2(d2), e1], dim=1)))))
-        return self.conv6(d1) + x, slot_map, masks
+        raise NotImplementedError
+
+    def _reconstruct(self, slot_map):
+        raise NotImplementedError
 
     def aligned_size(self, height: int, width: int) -> tuple[int, int]:
         """The size the network runs at: sides multiples of 4 and at least 8."""
@@ -243,3 +322,58 @@ class ExposureSlot(nn.Module):
         if x.dtype != weight.dtype or x.device != weight.device:
             raise ValueError(f"input is {x.dtype} on {x.device} but the model is {weight.dtype} "
                              f"on {weight.device}; use model.to(x) or cast the input")
+
+
+class ExposureSlot(ExposureSlotBase):
+    """Exposure-slot, level 2 or 3 (or 1: plain slot attention, not released).
+
+    ``model(x)`` corrects ``x`` ``[B,3,H,W]`` (values in [0,1]) for any H, W >= 4;
+    ``model(x, return_aux=True)`` returns ``ExposureOutput(image, masks, recon)``.
+    ``size_policy`` handles H or W not a multiple of 4: "pad" (default) reflect-pads
+    bottom/right and crops the outputs, as the authors evaluate; "resize" resizes
+    bilinearly to the multiple of 4 below and back, as their training code does.
+    The released network needs sides of at least 8 (its upsampling convs reflect-pad
+    the 1/4-resolution map); smaller sides are padded (or resized) up to 8. Under
+    "pad" the masks are cropped to ceil(H/4) x ceil(W/4); under "resize" they are at
+    the resized image's 1/4 resolution.
+
+    For fast inference, ``exposure_slot.optimize_for_inference(model)`` gives a frozen
+    copy with folded and fused convolutions.
+    """
+
+    def __init__(self, level: int = 2, backend: str = "auto", size_policy: str = "pad",
+                 dim: int = 128, iters: int = 3):
+        super().__init__(level, size_policy)
+        c = dim // 4
+        self.conv1_1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv1_2 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.down1 = Downsample(c)
+        self.conv2_2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * c)
+        self.down2 = Downsample(2 * c)
+        self.conv3_2 = nn.Conv2d(4 * c, 4 * c, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(4 * c)
+        self.bottleneck = BottleneckBlock(dim, SLOTS_OF_LEVEL[level], iters, backend)
+        self.up1 = Upsample(4 * c)
+        self.conv4_1 = nn.Conv2d(4 * c, 2 * c, 3, padding=1)
+        self.conv4_2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.up2 = Upsample(2 * c)
+        self.conv5_1 = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.conv5_2 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv6 = nn.Conv2d(c, 3, 1)
+        self.slot_decoder = SlotDecoder(dim)
+
+    def _forward_aligned(self, x):
+        """The network on an input whose sides are multiples of 4."""
+        e1 = self.bn1(self.conv1_2(F.gelu(self.conv1_1(x))))
+        e2 = self.bn2(self.conv2_2(F.gelu(self.down1(e1))))
+        e3 = self.bn3(self.conv3_2(F.gelu(self.down2(e2))))
+        z, slot_map, masks = self.bottleneck(e3)
+        d2 = F.gelu(self.conv4_2(F.gelu(self.conv4_1(torch.cat([self.up1(z), e2], dim=1)))))
+        d1 = F.gelu(self.conv5_2(F.gelu(self.conv5_1(torch.cat([self.up2(d2), e1], dim=1)))))
+        return self.conv6(d1) + x, slot_map, masks
+
+    def _reconstruct(self, slot_map):
+        """The slot decoder's image from the slot map."""
+        return self.slot_decoder(slot_map)

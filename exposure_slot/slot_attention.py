@@ -5,17 +5,35 @@ updated by a GRU and an MLP, and hand a modulated copy of the tokens to the next
 level down. A level returns two per-token maps: the mixture of its prompts and the
 mixture of its slots, weighted by its last attention; a parent crosses its child's
 pair over (SPEC: the released code unpacks the child's outputs in swapped order).
+
+Two implementations of the same computation:
+
+- backend "reference" runs SPEC literally in PyTorch, materialising every modulated
+  k and v (the oracle of every test);
+- the fused backends never materialise a modulated or normalised k or v. Every
+  per-token quantity SPEC multiplies into k and v, and both outputs, are products
+  of "mixtures" (per-slot vectors weighted by a level's attention, [B, K, N] masks
+  and a [K, C] table). The fused path keeps them symbolic, as lists of
+  (masks, table) factors, and hands them to two ops: ``slot_attention_pass``
+  (a level's attention, with the chain of LayerNorms and modulations from the top
+  level's inputs recomputed per token) and ``mask_fusion`` (a product of mixtures,
+  for a level's running modulation and the two outputs). Memory beyond the
+  inputs: the two [B, N, C] outputs
+  the [B, K, N] attention maps, and one running modulation per level that has a
+child (a level's product of pf * b_c over its iterations so far, [B, N, C]).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from . import ops
 from .backends import resolve_backend, validate_backend
-from .ops import mask_fusion
+from .ops import mask_fusion_reference
 
 EPS = 1e-8  # added to the attention after the softmax, as released
 
@@ -101,10 +119,14 @@ class SlotInSlotAttention(nn.Module):
     def forward(self, k: torch.Tensor, v: torch.Tensor) -> SlotAttentionOutput:
         self._check_inputs(k, v)
         backend = resolve_backend(self.backend, k.device)
-        prompt_map, slot_map, masks = self._run_level(0, k, v, backend)
+        if backend == "reference":
+            prompt_map, slot_map, masks = self._run_level(0, k, v)
+        else:
+            prompt_map, slot_map, masks = self._run_fused(k, v, backend)
         return SlotAttentionOutput(prompt_map, slot_map, masks)
 
-    def _run_level(self, depth: int, k_in, v_in, backend: str):
+    def _run_level(self, depth: int, k_in, v_in):
+        """SPEC section 1, literally: returns the level's pair (a, b) and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
         k = level.norm_k_inp(k_in)
@@ -116,17 +138,71 @@ class SlotInSlotAttention(nn.Module):
             attn, updates = level.attend(slots, k, v)
             slots = level.update(slots, updates)
             if has_child:
-                k = mask_fusion(attn, level.prompts, k, backend=backend)
-                v = mask_fusion(attn, level.prompts, v, backend=backend)
-                child_a, child_b, child_masks = self._run_level(depth + 1, k, v, backend)
+                pf = mask_fusion_reference([attn], [level.prompts])
+                k = k * pf
+                v = v * pf
+                child_a, child_b, child_masks = self._run_level(depth + 1, k, v)
             slots = level.refine(slots)
             if has_child:
                 k = k * child_b
                 v = v * child_b
         # The cross-over: prompts meet the child's slot map and slots its prompt map.
-        prompt_map = mask_fusion(attn, level.prompts, child_b, backend=backend)
-        slot_map = mask_fusion(attn, slots, child_a, backend=backend)
+        prompt_map = mask_fusion_reference([attn], [level.prompts])
+        slot_map = mask_fusion_reference([attn], [slots])
+        if has_child:
+            prompt_map = prompt_map * child_b
+            slot_map = slot_map * child_a
         return prompt_map, slot_map, [attn] + child_masks
+
+    def _run_fused(self, k_in, v_in, backend: str):
+        norms = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
+                 for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
+        prompt_factors, slot_factors, masks = self._fused_level(
+            0, [], None, k_in, v_in, norms, backend)
+        prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend)
+        slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend)
+        return prompt_map, slot_map, masks
+
+    def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
+                     backend: str):
+        """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
+        what ancestor d multiplies into the tokens it hands down: its running
+        modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
+        ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages.
+        Returns the level's pair (a, b) as factor lists, and its masks."""
+        level = self.levels[depth]
+        has_child = depth + 1 < len(self.levels)
+        running = None  # this level's modulation of its k and v: prod of pf * b_c so far
+        stats = parent_stats  # after the first pass, also this level's own stage
+        slots = level.slots_mu.expand(k_in.shape[0], -1, -1)
+        child_a = child_b = []
+        child_masks: list[torch.Tensor] = []
+        for iteration in range(self.iters):
+            stages = chain + [(running, [])]
+            factors = [f for _, stage_factors in stages for f in stage_factors]
+            queries = level.to_q(level.norm_slots(slots)) * level.scale
+            attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
+                k_in, v_in, *(n[:depth + 1] for n in norms), [base for base, _ in stages],
+                [m for m, _ in factors], [t for _, t in factors],
+                [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
+                queries, stats, level.norm_k_inp.eps, EPS, backend=backend)
+            slots = level.update(slots, attn_v / attn_sum.unsqueeze(-1))
+            if has_child:
+                pf = (attn, level.prompts)
+                child_a, child_b, child_masks = self._fused_level(
+                    depth + 1, chain + [(running, [pf])], stats, k_in, v_in, norms, backend)
+            slots = level.refine(slots)
+            if has_child and iteration + 1 < self.iters:  # the last one is never used
+                update = [pf] + child_b
+                masks, tables = [m for m, _ in update], [t for _, t in update]
+                if running is not None and not torch.is_grad_enabled():
+                    # Nothing saves the old value for a backward: overwrite it rather
+                    # than hold the old and the new [B, N, C] modulation at once.
+                    ops.mask_fusion_(masks, tables, running, backend=backend)
+                else:
+                    running = ops.mask_fusion(masks, tables, running, backend=backend)
+        return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
+                [attn] + child_masks)
 
     def _check_inputs(self, k, v):
         for name, t in (("k", k), ("v", v)):

@@ -26,3 +26,11 @@ def shared_path(*parts: str) -> Path:
 def golden(request):
     """The authors' network's float64 outputs for a seeded random checkpoint."""
     return torch.load(shared_path("golden", f"official_level{request.param}.pt"), weights_only=False)
+
+
+@pytest.fixture
+def restore_threads():
+    """Lets a test change torch's thread count (the kernels' OpenMP threads too)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,3 +1,7 @@
 """Data for training and evaluation: the authors' split files and folder pairs
 (``datasets``), and synthetic exposure errors made from well-exposed photos
 (``synthesis``)."""
+
+from .datasets import (DatasetError, ExposureDataset, ImagePair, check_pairs, folder_pairs,
+                       read_split)
+from .synthesis import SyntheticExposurePairs, synthesize

@@ -14,12 +14,12 @@ Every op ``name`` has three parts:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import torch  # first: the extension links against torch's libraries
 
 try:
-    from .. import _C  # noqa: F401  (defines torch.ops.exposure_slot.*)
+    from .. import _C
 except ImportError as exc:
     _C = None
     _C_IMPORT_ERROR: ImportError | None = exc
@@ -30,12 +30,16 @@ else:
 # stay importable by their full names (exposure_slot.ops.mask_fusion), which is where
 # csrc/exposure_slot.cpp tells torch to find their fake kernels.
 from . import mask_fusion as _mask_fusion
+from . import slot_attention_pass as _slot_attention_pass
 from .mask_fusion import mask_fusion_reference
+from .slot_attention_pass import slot_attention_pass_reference
 
 if _C is not None:
     _mask_fusion.register()
+    _slot_attention_pass.register()
 
-__all__ = ["cpu_kernels_available", "mask_fusion", "mask_fusion_reference"]
+__all__ = ["cpu_kernels_available", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
+           "slot_attention_pass", "slot_attention_pass_reference"]
 
 
 def cpu_kernels_available() -> bool:
@@ -43,17 +47,62 @@ def cpu_kernels_available() -> bool:
     return _C is not None
 
 
-def mask_fusion(masks: torch.Tensor, table: torch.Tensor, base: torch.Tensor | None = None,
-                *, backend: str = "reference") -> torch.Tensor:
-    """``out[b,n,c] = base[b,n,c] * sum_i masks[b,i,n] * table[tb,i,c]``.
+def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
+                base: torch.Tensor | None = None, *, backend: str = "reference") -> torch.Tensor:
+    """``out[b,n,c] = base[b,n,c] * prod_j sum_i masks[j][b,i,n] * tables[j][tb,i,c]``.
 
-    masks [B,K,N], table [B,K,C] or [1,K,C] (shared by the batch), base [B,N,C] or
-    None (factor 1); returns [B,N,C]. Differentiable in all three inputs on every
-    backend. Raises TypeError/ValueError for bad arguments, RuntimeError when the
-    backend is not built.
+    masks[j] [B,K_j,N], tables[j] [B,K_j,C] or [1,K_j,C] (shared by the batch), at
+    least one factor; base [B,N,C] or None (a factor of 1); returns [B,N,C].
+    Differentiable in every input on every backend. Raises TypeError/ValueError for
+    bad arguments, RuntimeError when the backend is not built.
     """
-    _mask_fusion.check_args(masks, table, base, kernel=backend != "reference")
-    return _select("mask_fusion", backend, mask_fusion_reference, masks.device)(masks, table, base)
+    _mask_fusion.check_args(masks, tables, base, kernel=backend != "reference")
+    return _select("mask_fusion", backend, mask_fusion_reference, masks[0].device)(
+        list(masks), list(tables), base)
+
+
+def mask_fusion_(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
+                 base: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:
+    """``mask_fusion`` written into ``base`` (contiguous), which it returns. Not
+    differentiable: refuses tensors that require grad while grad mode is on."""
+    _mask_fusion.check_args(masks, tables, base, kernel=backend != "reference",
+                            op="mask_fusion_")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*masks, *tables, base)):
+        raise RuntimeError("mask_fusion_: in-place and not differentiable; use mask_fusion "
+                           "when gradients are needed (or call it under torch.no_grad())")
+    if backend == "reference":
+        return base.mul_(mask_fusion_reference(masks, tables))
+    _select("mask_fusion_", backend, mask_fusion_reference, masks[0].device)(
+        list(masks), list(tables), base)
+    return base
+
+
+def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: torch.Tensor,
+                        norm_k_bias: torch.Tensor, norm_v_weight: torch.Tensor,
+                        norm_v_bias: torch.Tensor, stage_bases: Sequence[torch.Tensor | None],
+                        factor_masks: Sequence[torch.Tensor],
+                        factor_tables: Sequence[torch.Tensor], factor_stages: Sequence[int],
+                        queries: torch.Tensor, stats: torch.Tensor | None = None,
+                        norm_eps: float = 1e-5, attn_eps: float = 1e-8, *,
+                        backend: str = "reference"):
+    """One slot-attention pass of a level whose inputs pass through D LayerNorm and
+    modulation stages (see ``exposure_slot.ops.slot_attention_pass``); ``stage_bases``
+    has one entry per stage, a [B,N,C] tensor or None; ``stats`` is a previous
+    pass's ``stats`` output for the same leading stages, or None. Returns ``(attn
+    [B,K,N], attn_sum [B,K], attn_v [B,K,C], stats [B,N,D,4])``. Differentiable in
+    every tensor but ``stats`` on every backend."""
+    bases = [t for t in stage_bases if t is not None]
+    base_stages = [d for d, t in enumerate(stage_bases) if t is not None]
+    args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
+            base_stages, list(factor_masks), list(factor_tables),
+            [int(s) for s in factor_stages], queries, stats)
+    _slot_attention_pass.check_args(*args, kernel=backend != "reference")
+    depth = norm_k_weight.shape[0]
+    if len(stage_bases) != depth:
+        raise ValueError(f"slot_attention_pass: stage_bases must have one entry (a tensor or "
+                         f"None) per stage, D = {depth}, got {len(stage_bases)}")
+    return _select("slot_attention_pass", backend, slot_attention_pass_reference, k_in.device)(
+        *args, float(norm_eps), float(attn_eps))
 
 
 def _select(op: str, backend: str, reference: Callable, device: torch.device) -> Callable:

@@ -1,12 +1,15 @@
-"""Mask-weighted fusion: per-slot vectors spread over the tokens by soft region masks.
+"""Mask-weighted fusion: per-slot vectors spread over the tokens by soft region masks,
+multiplied together and into an optional base.
 
-    out[b, n, c] = base[b, n, c] * sum_i masks[b, i, n] * table[tb, i, c]
+    out[b, n, c] = (base[b, n, c] or 1) * prod_j sum_i masks[j][b, i, n] * tables[j][tb, i, c]
 
-``masks`` [B, K, N] are slot-attention maps (softmax over the K slots), ``table``
-[B, K, C] or [1, K, C] holds one vector per slot (tb = b, or 0 for a table shared by
-the batch), ``base`` [B, N, C] is optional (a factor of 1 when absent); the result is
-[B, N, C]. SPEC section 1 uses it for ``pf``, ``k * pf``, ``v * pf``, ``PF * b_c`` and
-``SF * a_c``.
+Each factor j is a pair: ``masks[j]`` [B, K_j, N], slot-attention maps (softmax over
+the K_j slots), and ``tables[j]`` [B, K_j, C] or [1, K_j, C], one vector per slot
+(tb = b, or 0 for a table shared by the batch); ``base`` is [B, N, C]; the result is
+[B, N, C]. With one factor this is SPEC section 1's mixture (``pf``, ``PF``, ``SF``);
+a parent level's outputs ``PF * b_c`` and ``SF * a_c`` are products of several,
+since its child's pair is one too; and a level's running modulation of its k and v
+is updated as ``M * pf * b_c`` (``base=M``).
 
 This module is the op's Python side:
 
@@ -15,102 +18,130 @@ This module is the op's Python side:
 - ``check_args``: argument validation shared by the public wrapper and the fake
   kernels;
 - the fake kernels (for torch.compile) and the autograd formula of
-  ``torch.ops.exposure_slot.mask_fusion`` / ``mask_fusion_backward``, which
+  ``torch.ops.exposure_slot.mask_fusion`` / ``mask_fusion_backward`` (and the fake
+  kernel of ``mask_fusion_``, the in-place update of ``base``), which
   ``register()`` attaches once the extension has defined the ops.
 
-The C++ kernels are in ``csrc/cpu/mask_fusion.cpp``, the schemas in
-``csrc/exposure_slot.cpp``.
+The C++ kernels are in ``csrc/cpu/mask_fusion.cpp`` (per-token arithmetic in
+``csrc/cpu/mixtures.h``), the schemas in ``csrc/exposure_slot.cpp``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from .checks import check_tensors
 
 # The dtypes the compiled kernels implement.
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def mask_fusion_reference(masks: torch.Tensor, table: torch.Tensor,
+def mask_fusion_reference(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
                           base: torch.Tensor | None = None) -> torch.Tensor:
-    """``base * (masks^T @ table)`` in plain PyTorch (differentiable, any device)."""
-    mix = masks.transpose(1, 2) @ table  # [B,N,K] @ [B or 1,K,C]: the batch broadcasts
-    return mix if base is None else base * mix
+    """``base`` times the product of ``masks[j]^T @ tables[j]`` in plain PyTorch
+    (differentiable, any device)."""
+    out = base
+    for m, t in zip(masks, tables):
+        mix = m.transpose(1, 2) @ t  # [B,N,K] @ [B or 1,K,C]: the batch broadcasts
+        out = mix if out is None else out * mix
+    return out
 
 
-def check_args(masks, table, base=None, grad=None, *, kernel: bool = False,
-               op: str = "mask_fusion") -> None:
+def check_factors(masks, tables, *, batch=None, tokens=None, channels=None,
+                  op: str = "mask_fusion") -> tuple[int | None, int | None, int | None]:
+    """Raise TypeError or ValueError naming the problem unless ``masks``/``tables`` are lists of
+    matching factors: masks[j] [B, K_j, N], tables[j] [B or 1, K_j, C]. B, N, C are
+    taken from the first factor unless given. Returns (B, N, C) (None for what an
+    empty list leaves unknown)."""
+    if not isinstance(masks, (list, tuple)) or not isinstance(tables, (list, tuple)):
+        raise TypeError(f"{op}: masks and tables must be lists of tensors (one entry per "
+                        f"factor), got {type(masks).__name__} and {type(tables).__name__}")
+    if len(masks) != len(tables):
+        raise ValueError(f"{op}: got {len(masks)} masks but {len(tables)} tables; each "
+                         "factor needs one of each")
+    for j, (m, t) in enumerate(zip(masks, tables)):
+        if not isinstance(m, torch.Tensor) or m.dim() != 3:
+            raise ValueError(f"{op}: masks[{j}] must be a 3-D tensor [B, K, N], got "
+                             f"{list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{op}: tables[{j}] must be a 3-D tensor [B or 1, K, C], got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        batch = m.shape[0] if batch is None else batch
+        tokens = m.shape[2] if tokens is None else tokens
+        channels = t.shape[2] if channels is None else channels
+        slots = m.shape[1]
+        if slots < 1 or m.shape[0] != batch or m.shape[2] != tokens:
+            raise ValueError(f"{op}: masks[{j}] must be [B, K, N] = [{batch}, K >= 1, {tokens}], "
+                             f"got shape {list(m.shape)}")
+        if t.shape[0] not in (1, batch) or t.shape[1] != slots or t.shape[2] != channels:
+            raise ValueError(f"{op}: tables[{j}] must be [B or 1, K, C] = "
+                             f"[{batch} or 1, {slots}, {channels}] (K from masks[{j}]), "
+                             f"got shape {list(t.shape)}")
+    return batch, tokens, channels
+
+
+def check_args(masks, tables, base=None, grad=None, *, kernel: bool = False,
+               op: str = "mask_fusion") -> tuple[int, int, int]:
     """Raise TypeError (not a tensor, dtype) or ValueError (device, shape) naming the
-    problem. ``grad`` is the output gradient of the backward op; ``kernel`` also
-    requires a dtype the compiled kernels implement."""
-    named = {"masks": masks, "table": table, "base": base, "grad": grad}
-    named = {name: t for name, t in named.items() if t is not None}
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-        if kernel and t.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"{op}: the compiled kernels implement float32 and float64, "
-                            f"got {name} of dtype {t.dtype}")
-    if len({t.dtype for t in named.values()}) > 1:
-        raise TypeError(f"{op}: all tensors must share one dtype, got "
-                        + ", ".join(f"{name} {t.dtype}" for name, t in named.items()))
-    if len({t.device for t in named.values()}) > 1:
-        raise ValueError(f"{op}: all tensors must be on one device, got "
-                         + ", ".join(f"{name} on {t.device}" for name, t in named.items()))
-
-    if masks.dim() != 3:
-        raise ValueError(f"{op}: masks must be [B, K, N], got shape {list(masks.shape)}")
-    if table.dim() != 3:
-        raise ValueError(f"{op}: table must be [B, K, C] or [1, K, C], "
-                         f"got shape {list(table.shape)}")
-    batch, slots, tokens = masks.shape
-    channels = table.shape[2]
-    if slots < 1:
-        raise ValueError(f"{op}: masks must have at least one slot (K >= 1), "
-                         f"got shape {list(masks.shape)}")
-    if table.shape[1] != slots:
-        raise ValueError(f"{op}: table has {table.shape[1]} slots but masks has K = {slots} "
-                         f"(table {list(table.shape)}, masks {list(masks.shape)})")
-    if table.shape[0] not in (1, batch):
-        raise ValueError(f"{op}: table batch must be 1 or B = {batch} (from masks), "
-                         f"got table shape {list(table.shape)}")
+    problem; ``grad`` is the backward op's output gradient [B, N, C]; ``kernel`` also
+    requires a dtype the compiled kernels implement. Returns (B, N, C)."""
+    shape = check_factors(masks, tables, op=op)
+    if not masks:
+        raise ValueError(f"{op}: needs at least one (masks, table) factor, got none")
+    named = {f"masks[{j}]": m for j, m in enumerate(masks)}
+    named.update({f"tables[{j}]": t for j, t in enumerate(tables)})
+    named.update((name, t) for name, t in (("base", base), ("grad", grad)) if t is not None)
+    check_tensors(named, op=op, dtypes=KERNEL_DTYPES if kernel else None)
     for name in ("base", "grad"):
-        if name in named and list(named[name].shape) != [batch, tokens, channels]:
-            raise ValueError(f"{op}: {name} must be [B, N, C] = {[batch, tokens, channels]} "
-                             f"(B, N from masks, C from table), "
-                             f"got shape {list(named[name].shape)}")
+        if name in named and list(named[name].shape) != list(shape):
+            raise ValueError(f"{op}: {name} must be [B, N, C] = {list(shape)} (B, N from "
+                             f"masks, C from tables), got shape {list(named[name].shape)}")
+    return shape
 
 
 # ---------------------------------------------------------------- torch.library
 
 
-def _fake(masks, table, base=None):
-    check_args(masks, table, base, kernel=True)
-    return masks.new_empty((masks.shape[0], masks.shape[2], table.shape[2]))
+def _fake(masks, tables, base):
+    batch, tokens, channels = check_args(masks, tables, base, kernel=True)
+    return masks[0].new_empty((batch, tokens, channels))
 
 
-def _fake_backward(grad, masks, table, base):
-    check_args(masks, table, base, grad, kernel=True, op="mask_fusion_backward")
-    return (torch.empty_like(masks, memory_format=torch.contiguous_format),
-            torch.empty_like(table, memory_format=torch.contiguous_format),
-            None if base is None else torch.empty_like(base, memory_format=torch.contiguous_format))
+def _fake_inplace(masks, tables, base):
+    check_args(masks, tables, base, kernel=True, op="mask_fusion_")
+
+
+def _fake_backward(grad, masks, tables, base):
+    check_args(masks, tables, base, grad, kernel=True, op="mask_fusion_backward")
+    new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return [new(m) for m in masks], [new(t) for t in tables], None if base is None else new(base)
 
 
 def _setup_context(ctx, inputs, output):
-    # The backward recomputes the mixture from masks and table instead of saving it.
-    ctx.save_for_backward(*inputs)
+    # The backward recomputes the mixtures from masks and tables instead of saving them.
+    masks, tables, base = inputs
+    ctx.factors = len(masks)
+    ctx.has_base = base is not None
+    ctx.save_for_backward(*masks, *tables, *([base] if ctx.has_base else []))
 
 
 def _backward(ctx, grad):
-    masks, table, base = ctx.saved_tensors
-    return torch.ops.exposure_slot.mask_fusion_backward(grad, masks, table, base)
+    saved = ctx.saved_tensors
+    j = ctx.factors
+    masks, tables = list(saved[:j]), list(saved[j:2 * j])
+    base = saved[2 * j] if ctx.has_base else None
+    grad_masks, grad_tables, grad_base = torch.ops.exposure_slot.mask_fusion_backward(
+        grad, masks, tables, base)
+    return grad_masks, grad_tables, grad_base
 
 
 def register() -> None:
     """Attach the fake kernels and the autograd formula to the compiled ops. Called
     once by ``exposure_slot.ops`` after ``exposure_slot._C`` has defined them."""
     torch.library.register_fake("exposure_slot::mask_fusion", _fake)
+    torch.library.register_fake("exposure_slot::mask_fusion_", _fake_inplace)
     torch.library.register_fake("exposure_slot::mask_fusion_backward", _fake_backward)
     torch.library.register_autograd("exposure_slot::mask_fusion", _backward,
                                     setup_context=_setup_context)

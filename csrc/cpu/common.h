@@ -1,0 +1,157 @@
+// Shared by the CPU kernels: argument checks, the deterministic token chunking
+// and the two-stage reduction of per-chunk partial sums.
+//
+// Determinism: a kernel that sums over tokens (a weight gradient, a per-slot sum)
+// never lets threads add into one accumulator. The tokens of each batch item are
+// cut into chunks whose length depends on N only (never on the thread count);
+// each chunk sums its own partial in token order, and the partials are then added
+// in chunk order. Results are therefore bitwise identical for any thread count.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+namespace exposure_slot::cpu {
+
+// Sums over a token's C channels: reduce(C, term) = sum_c term(c). A plain loop
+// (or `omp simd reduction`) keeps one vector accumulator, so each sum is a chain of
+// C/16 dependent adds, and a token's dozen such sums (LayerNorm statistics, slot
+// logits) made the kernels latency-bound. Here kLanes independent partial sums
+// (four AVX-512 registers) cut the chain to C/kLanes, then fold as a tree. The
+// order of additions is fixed by the code, so results are reproducible bit for bit.
+template <typename T>
+constexpr int64_t kLanes = 256 / sizeof(T);
+template <typename T>
+constexpr int64_t kVectorLanes = 64 / sizeof(T);  // one AVX-512 register
+
+// acc[0, kVectorLanes) += the rest, by halving: every step has a compile-time
+// width, so each is one or two vector adds instead of a scalar loop.
+template <int64_t Width, typename T>
+__attribute__((always_inline)) inline void fold(T* acc) {
+  if constexpr (Width > kVectorLanes<T>) {
+    for (int64_t w = 0; w < Width / 2; ++w) acc[w] += acc[w + Width / 2];
+    fold<Width / 2>(acc);
+  }
+}
+
+// The sum of one register's worth of lanes: a shuffle tree where AVX-512 exists
+// (the compiler's own horizontal sum is a chain of 16 scalar adds).
+template <typename T>
+__attribute__((always_inline)) inline T sum_lanes(const T* acc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_ps(_mm512_loadu_ps(acc));
+  if constexpr (std::is_same_v<T, double>) return _mm512_reduce_add_pd(_mm512_loadu_pd(acc));
+#endif
+  T total = 0;
+  for (int64_t w = 0; w < kVectorLanes<T>; ++w) total += acc[w];
+  return total;
+}
+
+template <typename T, typename Term>
+__attribute__((always_inline)) inline T reduce(int64_t C, const Term& term) {
+  T acc[kLanes<T>] = {};
+  int64_t c = 0;
+  for (; c + kLanes<T> <= C; c += kLanes<T>) {
+    for (int64_t w = 0; w < kLanes<T>; ++w) acc[w] += term(c + w);
+  }
+  for (int64_t w = 0; c < C; ++c, ++w) acc[w] += term(c);  // fewer than kLanes left
+  fold<kLanes<T>>(acc);
+  return sum_lanes(acc);
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T dot(const T* __restrict__ a, const T* __restrict__ b,
+                                            int64_t C) {
+  return reduce<T>(C, [=](int64_t c) { return a[c] * b[c]; });
+}
+
+// Below this many multiply-adds, starting a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+inline void check_float_cpu(const char* op, const char* name, const at::Tensor& t,
+                            at::ScalarType dtype, const char* dtype_source) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name,
+              " must be a CPU tensor for the CPU kernel, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ",
+              name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": all tensors must share one dtype, but ",
+              name, " is ", t.scalar_type(), " and ", dtype_source, " is ", dtype);
+}
+
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must be ", layout, " = ", expected,
+              ", got shape ", t.sizes());
+}
+
+// How the tokens of each batch item are cut into chunks.
+struct Chunking {
+  int64_t length;    // tokens per chunk (the last chunk of an item may be shorter)
+  int64_t per_item;  // chunks per batch item
+  int64_t count;     // chunks in all
+
+  // Chunks are at least kMinLength tokens (so a partial is small next to the
+  // tokens it sums) and at most kMaxPerItem per batch item (so the partials of a
+  // 24-megapixel image stay a few megabytes).
+  static constexpr int64_t kMinLength = 256;
+  static constexpr int64_t kMaxPerItem = 64;
+
+  Chunking(int64_t batch, int64_t tokens) {
+    length = std::max(kMinLength, (tokens + kMaxPerItem - 1) / kMaxPerItem);
+    per_item = (tokens + length - 1) / length;
+    count = batch * per_item;
+  }
+  int64_t item(int64_t chunk) const { return chunk / per_item; }
+  int64_t begin(int64_t chunk) const { return (chunk % per_item) * length; }
+  int64_t end(int64_t chunk, int64_t tokens) const {
+    return std::min(begin(chunk) + length, tokens);
+  }
+};
+
+// Per-chunk partial sums: every chunk owns `stride` values; a quantity is a
+// range [offset, offset + size) of each chunk's block.
+template <typename T>
+struct Partials {
+  int64_t stride;
+  std::vector<T> values;  // [chunk, stride], zero-initialised
+
+  Partials(int64_t chunks, int64_t stride_) : stride(stride_), values(chunks * stride_, T(0)) {}
+  T* chunk(int64_t c) { return values.data() + c * stride; }
+
+  // out[g, :size] = sum over the chunks of group g, in chunk order, of the range
+  // [offset, offset + size). `per_batch_item` gives one group per batch item (a
+  // quantity of that item); otherwise one group holds every chunk (a quantity
+  // shared by the batch, such as a weight).
+  void reduce(const Chunking& chunks, int64_t offset, int64_t size, bool per_batch_item,
+              T* out, bool parallel) const {
+    const int64_t groups = per_batch_item ? chunks.count / chunks.per_item : 1;
+    const int64_t members = per_batch_item ? chunks.per_item : chunks.count;
+    // Split each group's output into pieces of a few cache lines, so that even a
+    // single group keeps every thread busy.
+    constexpr int64_t kPiece = 64;
+    const int64_t pieces = (size + kPiece - 1) / kPiece;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t job = 0; job < groups * pieces; ++job) {
+      const int64_t g = job / pieces;
+      const int64_t lo = (job % pieces) * kPiece, hi = std::min(lo + kPiece, size);
+      T* dst = out + g * size;
+      for (int64_t e = lo; e < hi; ++e) dst[e] = T(0);
+      for (int64_t m = g * members; m < (g + 1) * members; ++m) {
+        const T* src = values.data() + m * stride + offset;
+        for (int64_t e = lo; e < hi; ++e) dst[e] += src[e];
+      }
+    }
+  }
+};
+
+}  // namespace exposure_slot::cpu

@@ -1,0 +1,265 @@
+// Modulations: products of mask-weighted fusions ("mixtures") and an optional dense
+// factor, one token at a time. The per-token arithmetic shared by mask_fusion.cpp
+// and slot_attention_pass.cpp.
+//
+// A factor j is a pair (masks_j [B,K_j,N], table_j [B or 1,K_j,C]) and its mixture
+// at token (b, n) is the C-vector
+//   f_j[c] = sum_i masks_j[b,i,n] * table_j[tb,i,c]        tb = b, or 0 if shared.
+// A modulation multiplies a run of factors and, optionally, a dense row
+// base[b,n,:] of a [B,N,C] tensor:
+//   m = base * prod_j f_j
+// (SPEC section 1: pf, the child's b, the running product pf * b_c * ... that a
+// level multiplies into its k and v, and its outputs PF * b_c, SF * a_c.)
+// Backward, for an upstream gradient gm [C] of m:
+//   g_base             = gm * prod_j f_j
+//   gf_j               = gm * base * prod_{l != j} f_l   (prefix and suffix products;
+//                                                        no division: a factor may be 0)
+//   grad_masks_j[b,i,n] = sum_c gf_j[c] * table_j[tb,i,c]
+//   grad_table_j[tb,i,c] += masks_j[b,i,n] * gf_j[c]     (into a per-chunk partial)
+//
+// Layout: masks [B,K,N] contiguous, so a token's K weights lie N apart; tables
+// [TB,K,C] contiguous and small (they stay in L1 for a whole pass); every per-token
+// vector is C contiguous values. Channels are processed in blocks of kBlock values
+// of compile-time width, so a block's mixture and product stay in vector registers
+// across the K slots and J factors instead of going through memory once per slot;
+// the last, partial block runs the same code with a runtime width.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace exposure_slot::cpu {
+
+template <typename T>
+struct Factor {
+  const T* masks;  // [B,K,N]
+  const T* table;  // [TB,K,C]
+  int64_t slots;   // K
+  bool table_batched;
+
+  const T* weights(int64_t b, int64_t n, int64_t N) const { return masks + b * slots * N + n; }
+  const T* rows(int64_t b, int64_t C) const { return table + (table_batched ? b * slots * C : 0); }
+};
+
+// A run of factors [begin, end) and an optional dense [B,N,C] tensor.
+template <typename T>
+struct Modulation {
+  const T* base;  // nullptr: no dense factor
+  int64_t begin, end;
+
+  bool empty() const { return base == nullptr && end == begin; }
+};
+
+// Two AVX-512 registers of float (one of double): enough independent accumulators
+// to hide the multiply-add latency, few enough to leave registers for the rest.
+template <typename T>
+constexpr int64_t kBlock = 128 / sizeof(T);
+
+template <typename T, typename Body>
+inline void for_each_block(int64_t C, const Body& body) {
+  int64_t c0 = 0;
+  for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) {
+    body(c0, std::integral_constant<int64_t, kBlock<T>>{});
+  }
+  if (c0 < C) body(c0, C - c0);
+}
+
+// The factors of a list of (masks, table) tensors, checked against [B,N,C] and made
+// contiguous; `storage` keeps the contiguous copies alive.
+template <typename T>
+std::vector<Factor<T>> make_factors(const char* op, at::TensorList masks, at::TensorList tables,
+                                    int64_t B, int64_t N, int64_t C, at::ScalarType dtype,
+                                    std::vector<at::Tensor>& storage) {
+  TORCH_CHECK(masks.size() == tables.size(), op, ": got ", masks.size(), " masks but ",
+              tables.size(), " tables; each factor needs one of each");
+  std::vector<Factor<T>> factors;
+  for (size_t j = 0; j < masks.size(); ++j) {
+    const std::string mname = "masks[" + std::to_string(j) + "]";
+    const std::string tname = "tables[" + std::to_string(j) + "]";
+    check_float_cpu(op, mname.c_str(), masks[j], dtype, "the first input");
+    check_float_cpu(op, tname.c_str(), tables[j], dtype, "the first input");
+    TORCH_CHECK(masks[j].dim() == 3 && masks[j].size(0) == B && masks[j].size(2) == N &&
+                    masks[j].size(1) >= 1,
+                op, ": ", mname, " must be [B, K, N] with B = ", B, ", N = ", N,
+                " and K >= 1, got shape ", masks[j].sizes());
+    const int64_t K = masks[j].size(1);
+    TORCH_CHECK(tables[j].dim() == 3 && (tables[j].size(0) == 1 || tables[j].size(0) == B) &&
+                    tables[j].size(1) == K && tables[j].size(2) == C,
+                op, ": ", tname, " must be [B or 1, K, C] with B = ", B, ", K = ", K, " (from ",
+                mname, ") and C = ", C, ", got shape ", tables[j].sizes());
+    storage.push_back(masks[j].contiguous());
+    storage.push_back(tables[j].contiguous());
+    factors.push_back({storage[storage.size() - 2].const_data_ptr<T>(),
+                       storage.back().const_data_ptr<T>(), K, tables[j].size(0) != 1});
+  }
+  return factors;
+}
+
+// A dense [B,N,C] factor, checked and made contiguous (nullptr when absent).
+template <typename T>
+const T* make_dense(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                    int64_t B, int64_t N, int64_t C, at::ScalarType dtype,
+                    std::vector<at::Tensor>& storage) {
+  if (!t.has_value()) return nullptr;
+  check_float_cpu(op, name, *t, dtype, "the first input");
+  check_shape(op, name, *t, {B, N, C}, "[B, N, C]");
+  storage.push_back(t->contiguous());
+  return storage.back().const_data_ptr<T>();
+}
+
+// f[w] = sum_i weights[i * N] * rows[i * C + w], one block of one token's mixture.
+template <typename T, typename Width>
+inline void mix_block(const T* weights, int64_t N, const T* __restrict__ rows, int64_t K,
+                      int64_t C, Width width, T* __restrict__ f) {
+  const T w0 = weights[0];
+  for (int64_t w = 0; w < width; ++w) f[w] = w0 * rows[w];
+  for (int64_t i = 1; i < K; ++i) {
+    const T wi = weights[i * N];
+    const T* __restrict__ row = rows + i * C;
+    for (int64_t w = 0; w < width; ++w) f[w] += wi * row[w];
+  }
+}
+
+// mod = this token's modulation, for `m` with at least one factor. With `values` non-null, each
+// factor's mixture is kept in values[(j - m.begin) * C ...] for the backward. `mod`
+// may be the token's base row itself (mask_fusion_ updates in place): each block
+// reads its base values before it writes them.
+template <typename T>
+inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T>& m, int64_t b,
+                       int64_t n, int64_t N, int64_t C, T* __restrict__ values, T* mod) {
+  const T* base = m.base != nullptr ? m.base + (b * N + n) * C : nullptr;
+  for_each_block<T>(C, [&](int64_t c0, auto width) {
+    // The block's product stays in registers: no copy of the base into a local
+    // array first (gcc turned that into narrower moves, and reloading them whole
+    // stalled on store forwarding: a fifth of the pass).
+    T acc[kBlock<T>];
+    T f[kBlock<T>];
+    for (int64_t j = m.begin; j < m.end; ++j) {
+      const Factor<T>& fac = factors[j];
+      mix_block(fac.weights(b, n, N), N, fac.rows(b, C) + c0, fac.slots, C, width,
+                j == m.begin ? acc : f);
+      if (values != nullptr) {
+        const T* mixed = j == m.begin ? acc : f;
+        T* keep = values + (j - m.begin) * C + c0;
+        for (int64_t w = 0; w < width; ++w) keep[w] = mixed[w];
+      }
+      if (j != m.begin) {
+        for (int64_t w = 0; w < width; ++w) acc[w] *= f[w];
+      }
+    }
+    if (base != nullptr) {
+      for (int64_t w = 0; w < width; ++w) mod[c0 + w] = acc[w] * base[c0 + w];
+    } else {
+      for (int64_t w = 0; w < width; ++w) mod[c0 + w] = acc[w];
+    }
+  });
+}
+
+// Per-thread scratch of modulation_backward: (factors + 1) * C values.
+template <typename T>
+struct ModulationScratch {
+  std::vector<T> suffix, prefix;
+  ModulationScratch(int64_t factors, int64_t C) : suffix(std::max<int64_t>(factors, 1) * C), prefix(C) {}
+};
+
+// Backward of modulation() for the gradient gm of mod at this token: writes
+// g_base (when the modulation has a dense factor), each factor's grad_masks
+// entries, and adds its grad_table contribution into table_partials[j], this
+// chunk's [K_j, C] partial (a chunk holds tokens of one batch item, so it touches
+// one row block of a table). `values` are modulation()'s factor mixtures.
+template <typename T>
+inline void modulation_backward(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
+                                int64_t b, int64_t n, int64_t N, int64_t C,
+                                const T* __restrict__ values, const T* __restrict__ gm,
+                                T* __restrict__ g_base, T* const* grad_masks,
+                                T* const* table_partials, ModulationScratch<T>& scratch) {
+  const int64_t J = m.end - m.begin;
+  const T* base = m.base != nullptr ? m.base + (b * N + n) * C : nullptr;
+  if (J == 0) {  // mod = base
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) g_base[c] = gm[c];
+    return;
+  }
+  // suffix row j = prod_{l > j} f_l; below, gf_j = gm * base * prefix_j * suffix_j
+  // overwrites it, where prefix_j = prod_{l < j} f_l is carried along in `prefix`.
+  T* __restrict__ suffix = scratch.suffix.data();
+  T* __restrict__ prefix = scratch.prefix.data();
+  T* last = suffix + (J - 1) * C;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) last[c] = T(1);
+  for (int64_t j = J - 2; j >= 0; --j) {
+    const T* __restrict__ next = suffix + (j + 1) * C;
+    const T* __restrict__ f = values + (j + 1) * C;
+    T* __restrict__ s = suffix + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] = next[c] * f[c];
+  }
+  if (base != nullptr) {
+    const T* __restrict__ f0 = values;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      g_base[c] = gm[c] * suffix[c] * f0[c];
+      prefix[c] = base[c];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) prefix[c] = T(1);
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    const Factor<T>& f = factors[m.begin + j];
+    T* __restrict__ s = suffix + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] *= gm[c] * prefix[c];
+    // s now holds gf_j: one pass over it gives both gradients.
+    const T* w = f.weights(b, n, N);
+    const T* __restrict__ rows = f.rows(b, C);
+    T* __restrict__ partial = table_partials[m.begin + j];
+    T* gmask = grad_masks[m.begin + j] + b * f.slots * N + n;
+    for (int64_t i = 0; i < f.slots; ++i) {
+      const T wi = w[i * N];
+      const T* __restrict__ row = rows + i * C;
+      T* __restrict__ acc = partial + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += wi * s[c];
+      gmask[i * N] = dot(s, row, C);
+    }
+    const T* __restrict__ fj = values + j * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) prefix[c] *= fj[c];
+  }
+}
+
+// Appends the offset of each factor's [K_j, C] grad_table partial inside a chunk's
+// Partials block, starting at `offset`; returns the end offset.
+template <typename T>
+int64_t table_partial_offsets(const std::vector<Factor<T>>& factors, int64_t C, int64_t offset,
+                              std::vector<int64_t>& offsets) {
+  for (const Factor<T>& f : factors) {
+    offsets.push_back(offset);
+    offset += f.slots * C;
+  }
+  return offset;
+}
+
+// Stage 2 of every grad_table: adds the chunks' partials in chunk order, per batch
+// item for a batched table, over all chunks for a shared one.
+template <typename T>
+void reduce_table_grads(const std::vector<Factor<T>>& factors, const Partials<T>& partials,
+                        const Chunking& chunks, const std::vector<int64_t>& offsets, int64_t C,
+                        std::vector<at::Tensor>& grad_tables, bool parallel) {
+  for (size_t j = 0; j < factors.size(); ++j) {
+    partials.reduce(chunks, offsets[j], factors[j].slots * C, factors[j].table_batched,
+                    grad_tables[j].mutable_data_ptr<T>(), parallel);
+  }
+}
+
+}  // namespace exposure_slot::cpu

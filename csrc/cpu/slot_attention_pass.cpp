@@ -1,0 +1,603 @@
+// One slot-attention pass of one level on the CPU: forward and backward of
+// exposure_slot::slot_attention_pass.
+//
+// Formula. A level at depth D-1 sees the top level's inputs through a chain of D
+// stages (SPEC section 1: every level LayerNorms its input, and a parent hands its
+// child k * pf and multiplies its own k by the child's b after each iteration):
+//   x_{-1}   = k_in[b,n]                                  (and v_in for the v chain)
+//   h_d      = (x_{d-1} - mean) / sqrt(var + norm_eps)    LayerNorm of stage d
+//   y_d      = h_d * weight_d + bias_d
+//   x_d      = y_d * m_d,  m_d = the stage's modulation (mixtures.h): its base
+//                             [B,N,C] (if any) times its factors (1 if neither)
+//   k = x^k_{D-1}, v = x^v_{D-1}                          (k and v share every m_d)
+// then, with queries q [B,K,C] (already multiplied by scale):
+//   s_i = softmax_i(q_i . k),  A_i = s_i + attn_eps
+//   attn[b,i,n] = A_i,  attn_sum[b,i] = sum_n A_i,  attn_v[b,i,:] = sum_n A_i * v
+// so that the level's update is U = attn_v / attn_sum. Nothing of size [B,N,C] is
+// written: the chain is recomputed per token from k_in, v_in, the small [B,K,N]
+// masks of earlier passes and the stages' bases (a level's running modulation,
+// kept as one [B,N,C] tensor per level rather than as a growing list of factors).
+//
+// Backward, for gradients g_attn, g_sum, g_v of the three outputs:
+//   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
+//   gl_i = s_i (gA_i - sum_j s_j gA_j);   gk = sum_i gl_i q_i;   gq_i += gl_i k
+//   gv   = sum_i A_i g_v[i]
+// then back through the chain, stage D-1 down to 0:
+//   gm_d = gx^k * y^k_d + gx^v * y^v_d       -> modulation_backward (mixtures.h):
+//                                               grad of the base, masks, tables
+//   gy = gx * m_d;  g weight_d += gy * h_d;  g bias_d += gy
+//   gh = gy * weight_d;  gx_{d-1} = rstd * (gh - mean(gh) - h_d * mean(gh * h_d))
+// The backward recomputes the forward chain per token (D LayerNorms and the
+// mixtures) instead of storing it: that would be 2D+J tensors of [B,N,C].
+//
+// Memory layout: k_in, v_in [B,N,C] and the gradients of that shape are contiguous
+// rows of C values per token; norm weights [D,C]; queries [B,K,C]; attn [B,K,N].
+// The per-token chain lives in per-thread scratch of a few D*C values (L1).
+//
+// Parallelisation and determinism: OpenMP over the token chunks of common.h; the
+// sums over tokens (attn_sum, attn_v; in the backward the query, norm and table
+// gradients) go through per-chunk partials reduced in chunk order, so results are
+// bitwise independent of the thread count.
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "mixtures.h"
+
+namespace exposure_slot::cpu {
+namespace {
+
+template <typename T>
+struct Pass {
+  int64_t batch, tokens, channels, slots, depth;
+  const T* k_in;
+  const T* v_in;
+  const T* norm_k_weight;  // [D,C]
+  const T* norm_k_bias;
+  const T* norm_v_weight;
+  const T* norm_v_bias;
+  const T* queries;  // [B,K,C]
+  const T* known_stats;  // [B,N,S,4] LayerNorm statistics of stages 0..S-1, or null
+  int64_t known_stages;  // S
+  T norm_eps, attn_eps;
+  std::vector<Factor<T>> factors;
+  std::vector<Modulation<T>> stages;  // [D]
+};
+
+// Per-thread scratch: the chain of one token (kept for the backward).
+template <typename T>
+struct Scratch {
+  int64_t C;
+  std::vector<T> h_k, h_v;          // [D,C] normalised inputs of each stage (backward)
+  std::vector<T> rstd_k, rstd_v;    // [D] (backward)
+  std::vector<T> mod;               // [D,C] stage modulations made of factors
+  std::vector<const T*> mod_rows;   // [D] each stage's modulation: in `mod`, its base
+                                    // row itself (no factors), or null (neither)
+  std::vector<T> values;            // [J,C] factor mixtures (backward)
+  std::vector<T> k, v;              // [C] the chain's outputs
+  std::vector<T> probs;             // [K] softmax s_i
+
+  Scratch(const Pass<T>& p)
+      : C(p.channels),
+        h_k(p.depth * C), h_v(p.depth * C), rstd_k(p.depth), rstd_v(p.depth),
+        mod(p.depth * C), mod_rows(p.depth), values(std::max<size_t>(p.factors.size(), 1) * C),
+        k(C), v(C),
+        probs(p.slots) {}
+};
+
+// LayerNorm statistics of a token's k and v rows at one stage. Stored per token
+// and stage as 4 values (the op's `stats` output), so that later passes through
+// the same stage (a level's next iterations, its descendants' passes) skip them.
+template <typename T>
+struct NormStats {
+  T mean_k, rstd_k, mean_v, rstd_v;
+};
+
+// Both rows' statistics in one pass over them: sums of x - x[0] and of its
+// squares (shifting by the row's first value keeps the cancellation in
+// E[d^2] - E[d]^2 to that of the row's own spread). The four sums are
+// independent, so their latencies overlap.
+template <typename T>
+inline NormStats<T> norm_stats(const T* __restrict__ xk, const T* __restrict__ xv, int64_t C,
+                               T eps) {
+  const T shift_k = xk[0], shift_v = xv[0];
+  T acc[4][kLanes<T>] = {};
+  auto add = [&](int64_t w, int64_t c) {
+    const T dk = xk[c] - shift_k, dv = xv[c] - shift_v;
+    acc[0][w] += dk;
+    acc[1][w] += dk * dk;
+    acc[2][w] += dv;
+    acc[3][w] += dv * dv;
+  };
+  int64_t c = 0;
+  for (; c + kLanes<T> <= C; c += kLanes<T>) {
+    for (int64_t w = 0; w < kLanes<T>; ++w) add(w, c + w);
+  }
+  for (int64_t w = 0; c < C; ++c, ++w) add(w, c);
+  T sums[4];
+  for (int r = 0; r < 4; ++r) {
+    fold<kLanes<T>>(acc[r]);
+    sums[r] = sum_lanes(acc[r]);
+  }
+  auto finish = [&](T shift, T sum, T squares, T& mean, T& rstd) {
+    const T shifted_mean = sum / T(C);
+    const T var = std::max(squares / T(C) - shifted_mean * shifted_mean, T(0));
+    mean = shift + shifted_mean;
+    rstd = T(1) / std::sqrt(var + eps);
+  };
+  NormStats<T> st;
+  finish(shift_k, sums[0], sums[1], st.mean_k, st.rstd_k);
+  finish(shift_v, sums[2], sums[3], st.mean_v, st.rstd_v);
+  return st;
+}
+
+// x_out = ((x - mean) * rstd * weight + bias) * mod (mod may be null); with
+// Keep, also h = (x - mean) * rstd for the backward.
+template <bool Keep, typename T>
+inline void norm_affine(const T* __restrict__ x, T mean, T rstd, const T* __restrict__ weight,
+                        const T* __restrict__ bias, const T* __restrict__ mod, int64_t C,
+                        T* __restrict__ h, T* __restrict__ x_out) {
+  if (mod != nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T hc = (x[c] - mean) * rstd;
+      if constexpr (Keep) h[c] = hc;
+      x_out[c] = (hc * weight[c] + bias[c]) * mod[c];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T hc = (x[c] - mean) * rstd;
+      if constexpr (Keep) h[c] = hc;
+      x_out[c] = hc * weight[c] + bias[c];
+    }
+  }
+}
+
+// Runs the token's chain into s.k, s.v. The forward (Keep = false) takes the
+// statistics of the first known_stages stages from the pass and writes every
+// stage's to `stats_out` ([D] entries); the backward (Keep = true) recomputes all
+// of them, so its result never depends on the cache, and keeps what it needs.
+template <bool Keep, typename T>
+inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s,
+                      NormStats<T>* stats_out) {
+  const int64_t C = p.channels, N = p.tokens, D = p.depth;
+  const int64_t row = b * N + n;
+  const T* xk = p.k_in + row * C;
+  const T* xv = p.v_in + row * C;
+  for (int64_t d = 0; d < D; ++d) {
+    NormStats<T> st;
+    if (!Keep && d < p.known_stages) {
+      const T* known = p.known_stats + (row * p.known_stages + d) * 4;
+      st = {known[0], known[1], known[2], known[3]};
+    } else {
+      st = norm_stats(xk, xv, C, p.norm_eps);
+    }
+    if constexpr (Keep) {
+      s.rstd_k[d] = st.rstd_k;
+      s.rstd_v[d] = st.rstd_v;
+    } else {
+      stats_out[d] = st;
+    }
+    const Modulation<T>& m = p.stages[d];
+    const T* mod = nullptr;
+    if (m.end > m.begin) {
+      T* product = s.mod.data() + d * C;
+      modulation(p.factors, m, b, n, N, C, Keep ? s.values.data() + m.begin * C : nullptr,
+                 product);
+      mod = product;
+    } else if (m.base != nullptr) {
+      mod = m.base + row * C;
+    }
+    s.mod_rows[d] = mod;
+    norm_affine<Keep>(xk, st.mean_k, st.rstd_k, p.norm_k_weight + d * C, p.norm_k_bias + d * C,
+                      mod, C, s.h_k.data() + d * C, s.k.data());
+    norm_affine<Keep>(xv, st.mean_v, st.rstd_v, p.norm_v_weight + d * C, p.norm_v_bias + d * C,
+                      mod, C, s.h_v.data() + d * C, s.v.data());
+    xk = s.k.data();
+    xv = s.v.data();
+  }
+}
+
+// s.probs = softmax over slots of q_i . k.
+template <typename T>
+inline void slot_softmax(const Pass<T>& p, int64_t b, Scratch<T>& s) {
+  const int64_t C = p.channels, K = p.slots;
+  const T* q = p.queries + b * K * C;
+  const T* __restrict__ k = s.k.data();
+  T* __restrict__ probs = s.probs.data();
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < K; ++i) {
+    probs[i] = dot(q + i * C, k, C);
+    top = std::max(top, probs[i]);
+  }
+  T total = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    probs[i] = std::exp(probs[i] - top);
+    total += probs[i];
+  }
+  const T inv = T(1) / total;
+#pragma omp simd
+  for (int64_t i = 0; i < K; ++i) probs[i] *= inv;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats) {
+  const int64_t N = p.tokens, C = p.channels, K = p.slots;
+  const Chunking chunks(p.batch, N);
+  // A chunk's partial: attn_sum [K] then attn_v [K,C].
+  Partials<T> partials(chunks.count, K + K * C);
+  const bool parallel = p.batch * N * C * (K + 4 * p.depth) >= kMinParallelWork;
+#pragma omp parallel if (parallel)
+  {
+    Scratch<T> s(p);
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+      const int64_t b = chunks.item(chunk);
+      T* sum_partial = partials.chunk(chunk);
+      T* v_partial = sum_partial + K;
+      for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
+        run_chain<false>(p, b, n, s,
+                         reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth);
+        slot_softmax(p, b, s);
+        const T* __restrict__ v = s.v.data();
+        for (int64_t i = 0; i < K; ++i) {
+          const T a = s.probs[i] + p.attn_eps;
+          attn[(b * K + i) * N + n] = a;
+          sum_partial[i] += a;
+          T* __restrict__ acc = v_partial + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += a * v[c];
+        }
+      }
+    }
+  }
+  partials.reduce(chunks, 0, K, true, attn_sum, parallel);
+  partials.reduce(chunks, K, K * C, true, attn_v, parallel);
+}
+
+// ---------------------------------------------------------------- backward
+
+struct GradPartialLayout {
+  int64_t queries;                    // [K,C] of the chunk's batch item
+  int64_t norm;                       // [4,D,C]: k weight, k bias, v weight, v bias
+  std::vector<int64_t> tables;        // [K_j,C] each
+  int64_t size;
+};
+
+template <typename T>
+GradPartialLayout grad_partial_layout(const Pass<T>& p) {
+  GradPartialLayout l;
+  const int64_t C = p.channels;
+  l.queries = 0;
+  l.norm = p.slots * C;
+  l.size = table_partial_offsets(p.factors, C, l.norm + 4 * p.depth * C, l.tables);
+  return l;
+}
+
+// Back through one LayerNorm + affine: gx (in: gradient of y; out: gradient of
+// the stage input x_{d-1}); adds to the weight and bias partials.
+template <typename T>
+inline void affine_norm_backward(const T* __restrict__ h, T rstd, const T* __restrict__ weight,
+                                 int64_t C, T* __restrict__ gx, T* __restrict__ g_weight,
+                                 T* __restrict__ g_bias) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    g_weight[c] += gx[c] * h[c];
+    g_bias[c] += gx[c];
+    gx[c] *= weight[c];  // now the gradient of h
+  }
+  const T mean_gh = reduce<T>(C, [=](int64_t c) { return gx[c]; }) / T(C);
+  const T mean_ghh = dot(gx, h, C) / T(C);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) gx[c] = rstd * (gx[c] - mean_gh - h[c] * mean_ghh);
+}
+
+template <typename T>
+void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T* g_v,
+                     T* grad_k_in, T* grad_v_in, const std::array<T*, 4>& grad_norms,
+                     T* grad_queries,
+                     const std::vector<T*>& grad_bases, std::vector<at::Tensor>& grad_masks,
+                     std::vector<at::Tensor>& grad_tables) {
+  const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
+  const int64_t J = static_cast<int64_t>(p.factors.size());
+  const Chunking chunks(p.batch, N);
+  const GradPartialLayout layout = grad_partial_layout(p);
+  Partials<T> partials(chunks.count, layout.size);
+  std::vector<T*> grad_mask_ptrs;
+  for (auto& g : grad_masks) grad_mask_ptrs.push_back(g.mutable_data_ptr<T>());
+  const bool parallel = p.batch * N * C * (K + 4 * D) >= kMinParallelWork;
+
+#pragma omp parallel if (parallel)
+  {
+    Scratch<T> s(p);
+    std::vector<T> g_a(K), g_mod(C);
+    ModulationScratch<T> scratch(J, C);
+    std::vector<T*> table_partials(J);
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+      const int64_t b = chunks.item(chunk);
+      T* partial = partials.chunk(chunk);
+      T* gq_partial = partial + layout.queries;
+      T* norm_partial = partial + layout.norm;
+      for (int64_t j = 0; j < J; ++j) table_partials[j] = partial + layout.tables[j];
+      const T* q = p.queries + b * K * C;
+      const T* gv_b = g_v + b * K * C;
+      for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
+        run_chain<true>(p, b, n, s, static_cast<NormStats<T>*>(nullptr));
+        slot_softmax(p, b, s);
+        T* __restrict__ gk = grad_k_in + (b * N + n) * C;
+        T* __restrict__ gv = grad_v_in + (b * N + n) * C;
+        const T* __restrict__ k = s.k.data();
+        const T* __restrict__ v = s.v.data();
+
+        // Through the softmax.
+        T weighted = 0;
+        for (int64_t i = 0; i < K; ++i) {
+          g_a[i] = g_attn[(b * K + i) * N + n] + g_sum[b * K + i] + dot(gv_b + i * C, v, C);
+          weighted += s.probs[i] * g_a[i];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gk[c] = gv[c] = T(0);
+        for (int64_t i = 0; i < K; ++i) {
+          const T gl = s.probs[i] * (g_a[i] - weighted);
+          const T a = s.probs[i] + p.attn_eps;
+          const T* __restrict__ qi = q + i * C;
+          const T* __restrict__ gvi = gv_b + i * C;
+          T* __restrict__ gqi = gq_partial + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            gk[c] += gl * qi[c];
+            gqi[c] += gl * k[c];
+            gv[c] += a * gvi[c];
+          }
+        }
+
+        // Back through the chain, last stage first; gk, gv hold the gradients of
+        // x_d and end as those of k_in, v_in.
+        for (int64_t d = D - 1; d >= 0; --d) {
+          const T* hk = s.h_k.data() + d * C;
+          const T* hv = s.h_v.data() + d * C;
+          const T* wk = p.norm_k_weight + d * C;
+          const T* bk = p.norm_k_bias + d * C;
+          const T* wv = p.norm_v_weight + d * C;
+          const T* bv = p.norm_v_bias + d * C;
+          const Modulation<T>& m = p.stages[d];
+          if (!m.empty()) {
+            const T* __restrict__ mod = s.mod_rows[d];
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              g_mod[c] = gk[c] * (hk[c] * wk[c] + bk[c]) + gv[c] * (hv[c] * wv[c] + bv[c]);
+              gk[c] *= mod[c];
+              gv[c] *= mod[c];
+            }
+            T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
+            modulation_backward(p.factors, m, b, n, N, C, s.values.data() + m.begin * C,
+                                g_mod.data(), g_base, grad_mask_ptrs.data(),
+                                table_partials.data(), scratch);
+          }
+          T* gnorm = norm_partial + d * C;
+          affine_norm_backward(hk, s.rstd_k[d], wk, C, gk, gnorm, gnorm + D * C);
+          affine_norm_backward(hv, s.rstd_v[d], wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
+        }
+      }
+    }
+  }
+  partials.reduce(chunks, layout.queries, K * C, true, grad_queries, parallel);
+  for (int64_t r = 0; r < 4; ++r) {  // k weight, k bias, v weight, v bias: [D,C] each
+    partials.reduce(chunks, layout.norm + r * D * C, D * C, false, grad_norms[r], parallel);
+  }
+  reduce_table_grads(p.factors, partials, chunks, layout.tables, C, grad_tables, parallel);
+}
+
+// ---------------------------------------------------------------- host wrappers
+
+// Checks every argument and fills `p` with contiguous data; `storage` keeps the
+// contiguous copies alive.
+template <typename T>
+Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
+                  const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
+                  const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias,
+                  at::TensorList stage_bases, at::IntArrayRef base_stages,
+                  at::TensorList factor_masks, at::TensorList factor_tables,
+                  at::IntArrayRef factor_stages, const at::Tensor& queries,
+                  const std::optional<at::Tensor>& stats, double norm_eps, double attn_eps,
+                  std::vector<at::Tensor>& storage) {
+  const at::ScalarType dtype = k_in.scalar_type();
+  TORCH_CHECK(k_in.dim() == 3, op, ": k_in must be [B, N, C], got shape ", k_in.sizes());
+  Pass<T> p;
+  p.batch = k_in.size(0);
+  p.tokens = k_in.size(1);
+  p.channels = k_in.size(2);
+  p.depth = norm_k_weight.dim() == 2 ? norm_k_weight.size(0) : 0;
+  p.slots = queries.dim() == 3 ? queries.size(1) : 0;
+  const int64_t B = p.batch, N = p.tokens, C = p.channels, D = p.depth;
+  check_float_cpu(op, "k_in", k_in, dtype, "k_in");
+  check_float_cpu(op, "v_in", v_in, dtype, "k_in");
+  check_shape(op, "v_in", v_in, k_in.sizes(), "[B, N, C] like k_in");
+  TORCH_CHECK(D >= 1, op, ": norm_k_weight must be [D, C] with D >= 1 stages, got shape ",
+              norm_k_weight.sizes());
+  const std::pair<const char*, const at::Tensor*> norms[] = {
+      {"norm_k_weight", &norm_k_weight}, {"norm_k_bias", &norm_k_bias},
+      {"norm_v_weight", &norm_v_weight}, {"norm_v_bias", &norm_v_bias}};
+  for (const auto& [name, t] : norms) {
+    check_float_cpu(op, name, *t, dtype, "k_in");
+    check_shape(op, name, *t, {D, C}, "[D, C] (C from k_in)");
+  }
+  check_float_cpu(op, "queries", queries, dtype, "k_in");
+  TORCH_CHECK(p.slots >= 1, op, ": queries must be [B, K, C] with K >= 1, got shape ",
+              queries.sizes());
+  check_shape(op, "queries", queries, {B, p.slots, C}, "[B, K, C] (B, C from k_in)");
+  TORCH_CHECK(N >= 1, op, ": k_in must hold at least one token, got shape ", k_in.sizes());
+  TORCH_CHECK(static_cast<int64_t>(factor_stages.size()) ==
+                  static_cast<int64_t>(factor_masks.size()),
+              op, ": factor_stages has ", factor_stages.size(), " entries but there are ",
+              factor_masks.size(), " factors");
+  TORCH_CHECK(stage_bases.size() == base_stages.size(), op, ": base_stages has ",
+              base_stages.size(), " entries but there are ", stage_bases.size(), " stage_bases");
+  for (size_t j = 0; j < base_stages.size(); ++j) {
+    TORCH_CHECK(base_stages[j] >= 0 && base_stages[j] < D &&
+                    (j == 0 || base_stages[j] > base_stages[j - 1]),
+                op, ": base_stages must be increasing stage indices in [0, ", D, "), got ",
+                base_stages);
+  }
+  for (size_t j = 0; j < factor_stages.size(); ++j) {
+    const int64_t stage = factor_stages[j];
+    TORCH_CHECK(stage >= 0 && stage < D, op, ": factor_stages[", j, "] = ", stage,
+                " is not a stage in [0, ", D, ")");
+    TORCH_CHECK(j == 0 || stage >= factor_stages[j - 1], op,
+                ": factor_stages must be sorted (factors grouped by stage), got ",
+                factor_stages);
+  }
+  p.factors = make_factors<T>(op, factor_masks, factor_tables, B, N, C, dtype, storage);
+  for (int64_t d = 0; d < D; ++d) {
+    int64_t begin = 0, end = 0;
+    for (const int64_t stage : factor_stages) {
+      begin += stage < d;
+      end += stage <= d;
+    }
+    const T* base = nullptr;
+    for (size_t j = 0; j < base_stages.size(); ++j) {
+      if (base_stages[j] != d) continue;
+      const std::string name = "stage_bases[" + std::to_string(j) + "]";
+      base = make_dense<T>(op, name.c_str(), stage_bases[j], B, N, C, dtype, storage);
+    }
+    p.stages.push_back({base, begin, end});
+  }
+
+  auto keep = [&](const at::Tensor& t) {
+    storage.push_back(t.contiguous());
+    return storage.back().const_data_ptr<T>();
+  };
+  p.k_in = keep(k_in);
+  p.v_in = keep(v_in);
+  p.norm_k_weight = keep(norm_k_weight);
+  p.norm_k_bias = keep(norm_k_bias);
+  p.norm_v_weight = keep(norm_v_weight);
+  p.norm_v_bias = keep(norm_v_bias);
+  p.queries = keep(queries);
+  p.known_stats = nullptr;
+  p.known_stages = 0;
+  if (stats.has_value()) {
+    check_float_cpu(op, "stats", *stats, dtype, "k_in");
+    TORCH_CHECK(stats->dim() == 4 && stats->size(0) == B && stats->size(1) == N &&
+                    stats->size(2) <= D && stats->size(3) == 4,
+                op, ": stats must be [B, N, S, 4] with S <= D = ", D,
+                " (a previous pass's stats output), got shape ", stats->sizes());
+    p.known_stats = keep(*stats);
+    p.known_stages = stats->size(2);
+  }
+  p.norm_eps = static_cast<T>(norm_eps);
+  p.attn_eps = static_cast<T>(attn_eps);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps) {
+  at::Tensor attn, attn_sum, attn_v, stats_out;
+  check_float_cpu("slot_attention_pass", "k_in", k_in, k_in.scalar_type(), "k_in");
+  AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
+    std::vector<at::Tensor> storage;
+    const Pass<scalar_t> p = make_pass<scalar_t>(
+        "slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+        norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+        queries, stats, norm_eps, attn_eps, storage);
+    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
+    attn_sum = at::empty({p.batch, p.slots}, k_in.options());
+    attn_v = at::empty({p.batch, p.slots, p.channels}, k_in.options());
+    stats_out = at::empty({p.batch, p.tokens, p.depth, 4}, k_in.options());
+    forward_kernel<scalar_t>(p, attn.mutable_data_ptr<scalar_t>(),
+                             attn_sum.mutable_data_ptr<scalar_t>(),
+                             attn_v.mutable_data_ptr<scalar_t>(),
+                             stats_out.mutable_data_ptr<scalar_t>());
+  });
+  return {attn, attn_sum, attn_v, stats_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+slot_attention_pass_backward_cpu(
+    const at::Tensor& grad_attn, const at::Tensor& grad_attn_sum, const at::Tensor& grad_attn_v,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, double norm_eps, double attn_eps) {
+  const char* op = "slot_attention_pass_backward";
+  at::Tensor grad_k_in, grad_v_in, grad_queries;
+  std::array<at::Tensor, 4> grad_norms;  // separate tensors: the schema's outputs never alias
+  std::vector<at::Tensor> grad_bases, grad_masks, grad_tables;
+  check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
+  AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_backward_cpu", [&] {
+    std::vector<at::Tensor> storage;
+    const Pass<scalar_t> p = make_pass<scalar_t>(
+        op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, queries, std::nullopt,
+        norm_eps, attn_eps, storage);
+    const int64_t B = p.batch, K = p.slots, N = p.tokens, C = p.channels;
+    check_float_cpu(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in");
+    check_float_cpu(op, "grad_attn_sum", grad_attn_sum, k_in.scalar_type(), "k_in");
+    check_float_cpu(op, "grad_attn_v", grad_attn_v, k_in.scalar_type(), "k_in");
+    check_shape(op, "grad_attn", grad_attn, {B, K, N}, "[B, K, N]");
+    check_shape(op, "grad_attn_sum", grad_attn_sum, {B, K}, "[B, K]");
+    check_shape(op, "grad_attn_v", grad_attn_v, {B, K, C}, "[B, K, C]");
+    const at::Tensor g_attn = grad_attn.contiguous();
+    const at::Tensor g_sum = grad_attn_sum.contiguous();
+    const at::Tensor g_v = grad_attn_v.contiguous();
+
+    grad_k_in = at::empty({B, N, C}, k_in.options());
+    grad_v_in = at::empty({B, N, C}, k_in.options());
+    for (at::Tensor& g : grad_norms) g = at::empty({p.depth, C}, k_in.options());
+    grad_queries = at::empty({B, K, C}, k_in.options());
+    for (size_t j = 0; j < factor_masks.size(); ++j) {
+      grad_masks.push_back(at::empty(factor_masks[j].sizes(), k_in.options()));
+      grad_tables.push_back(at::empty(factor_tables[j].sizes(), k_in.options()));
+    }
+    std::vector<scalar_t*> grad_base_ptrs;
+    for (const Modulation<scalar_t>& m : p.stages) {
+      if (m.base == nullptr) {
+        grad_base_ptrs.push_back(nullptr);
+      } else {
+        grad_bases.push_back(at::empty({B, N, C}, k_in.options()));
+        grad_base_ptrs.push_back(grad_bases.back().mutable_data_ptr<scalar_t>());
+      }
+    }
+    backward_kernel<scalar_t>(p, g_attn.const_data_ptr<scalar_t>(),
+                              g_sum.const_data_ptr<scalar_t>(), g_v.const_data_ptr<scalar_t>(),
+                              grad_k_in.mutable_data_ptr<scalar_t>(),
+                              grad_v_in.mutable_data_ptr<scalar_t>(),
+                              std::array<scalar_t*, 4>{grad_norms[0].mutable_data_ptr<scalar_t>(),
+                                                       grad_norms[1].mutable_data_ptr<scalar_t>(),
+                                                       grad_norms[2].mutable_data_ptr<scalar_t>(),
+                                                       grad_norms[3].mutable_data_ptr<scalar_t>()},
+                              grad_queries.mutable_data_ptr<scalar_t>(), grad_base_ptrs,
+                              grad_masks, grad_tables);
+  });
+  return {grad_k_in,     grad_v_in,  grad_norms[0], grad_norms[1], grad_norms[2],
+          grad_norms[3], grad_bases, grad_masks,    grad_tables,   grad_queries};
+}
+
+}  // namespace
+}  // namespace exposure_slot::cpu
+
+TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {
+  m.impl("slot_attention_pass", &exposure_slot::cpu::slot_attention_pass_cpu);
+  m.impl("slot_attention_pass_backward", &exposure_slot::cpu::slot_attention_pass_backward_cpu);
+}

@@ -1,0 +1,315 @@
+"""Fast inference: a frozen copy of an ``ExposureSlot`` whose convolutions are
+folded, fused and channels-last.
+
+    fast = optimize_for_inference(model)                   # float32
+    fast = optimize_for_inference(model, torch.bfloat16)   # bfloat16 convolutions
+    image = fast(x)                                        # as model(x); return_aux too
+
+Every change below computes the same function as ``model.eval()``; only the
+rounding differs:
+
+- BatchNorm is folded into the convolution before it (in float64, then cast).
+- A convolution after a PixelUnshuffle(2) is a stride-2 6x6 convolution of the map
+  before it, and a convolution followed by a PixelShuffle(2) is a stride-2
+  transposed 6x6 convolution: neither shuffle is materialised.
+- A convolution over ``cat[a, b]`` is ``conv_a(a) + conv_b(b)``, the first adding into
+  the second's output: the concatenation is never built.
+- Bias, GELU and that sum run inside oneDNN's convolution (post-ops), and every map
+  stays channels-last, where oneDNN's kernels are fastest and the bottleneck's token
+  view ``[B, N, C]`` of its input is free.
+
+On tensors oneDNN does not take (float64, GPU tensors, a torch built without it) the
+same frozen weights run through ``F.conv2d``: the folding is then exact in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .network import ExposureSlot, FeedForward
+
+# Only these go through oneDNN's fused convolutions (it rejects float64).
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+_ONEDNN = _onednn_available()
+
+
+class FrozenConv(nn.Module):
+    """A fixed 2-D convolution with bias, an optional sum into a given map and an
+    optional GELU; one oneDNN call on CPU float32/bfloat16 tensors.
+
+    ``reflect`` reflect-pads the input by 1 first (oneDNN pads only with zeros);
+    ``transposed`` makes it a transposed convolution (weight ``[in, out, kh, kw]``).
+    ``persistent``: whether the weights go into state_dicts (as ``weight`` and ``bias``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, *,
+                 stride: int = 1, padding: int = 1, groups: int = 1, reflect: bool = False,
+                 transposed: bool = False, gelu: bool = False, persistent: bool = False):
+        super().__init__()
+        # Copies: the frozen model must not share storage with the trainable one.
+        self.register_buffer("weight", weight.detach().to(dtype, copy=True).contiguous(),
+                             persistent=persistent)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype, copy=True),
+                             persistent=persistent)
+        self.stride, self.padding, self.groups = stride, padding, groups
+        self.reflect, self.transposed, self.gelu = reflect, transposed, gelu
+
+    def extra_repr(self) -> str:
+        kind = "transposed, " if self.transposed else ""
+        return (f"{kind}weight={tuple(self.weight.shape)}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, reflect={self.reflect}, "
+                f"gelu={self.gelu}")
+
+    def forward(self, x: torch.Tensor, add_into: torch.Tensor | None = None) -> torch.Tensor:
+        """``GELU?(conv(x) + bias + add_into)``; ``add_into`` (channels-last, the output's
+        shape) is overwritten with the result on the oneDNN path."""
+        x = canonical_channels_last(x)
+        if self.reflect:
+            x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
+            return self._onednn(x, add_into)
+        conv = F.conv_transpose2d if self.transposed else F.conv2d
+        y = conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                 groups=self.groups)
+        if add_into is not None:
+            y = y + add_into
+        return F.gelu(y) if self.gelu else y
+
+    def _onednn(self, x, add_into):
+        mkldnn = torch.ops.mkldnn
+        padding, stride, dilation = [self.padding] * 2, [self.stride] * 2, [1, 1]
+        if add_into is not None:
+            # oneDNN fuses only ReLU after a sum, so GELU runs in place afterwards.
+            y = mkldnn._convolution_pointwise_.binary(
+                add_into, x, self.weight, self.bias, padding, stride, dilation, self.groups,
+                "add", 1.0, None, [], None)
+            return torch._C._nn.gelu_(y) if self.gelu else y
+        attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
+        if self.transposed:
+            return mkldnn._convolution_transpose_pointwise(
+                x, self.weight, self.bias, padding, [0, 0], stride, dilation, self.groups,
+                attr, [], algorithm)
+        return mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, padding, stride, dilation, self.groups, attr, [], algorithm)
+
+
+def canonical_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a channels-last view with the canonical NHWC strides, if its memory is
+    channels-last; otherwise ``x`` itself.
+
+    A size-1 dim may carry any stride: ``[1, N, C]`` tokens seen as ``[1, C, h, w]``
+    through ``transpose(1, 2).reshape(...)`` get batch stride ``C``, and PyTorch's and
+    oneDNN's layout checks then treat the map as non-contiguous NCHW and copy it.
+    """
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    batch, channels, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(-1).view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+class ConcatConv(nn.Module):
+    """A 3x3 convolution and GELU over ``cat[a, b]`` (channels), computed as the
+    convolution of ``b`` (with the bias) plus that of ``a``, added in place."""
+
+    def __init__(self, conv: nn.Conv2d, split: int, dtype: torch.dtype):
+        super().__init__()
+        weight, bias = _weight_and_bias(conv)
+        self.of_first = FrozenConv(weight[:, :split], None, dtype, gelu=True)
+        self.of_second = FrozenConv(weight[:, split:], bias, dtype)
+
+    def forward(self, a, b):
+        return self.of_first(a, add_into=self.of_second(b))
+
+
+class FrozenFeedForward(nn.Module):
+    """The bottleneck's ``FeedForward`` with each GELU fused into the convolution before
+    it, computing in ``dtype`` and answering in its input's dtype."""
+
+    def __init__(self, ff: FeedForward, dtype: torch.dtype):
+        super().__init__()
+        # Persistent: a state_dict keeps FeedForward's keys.
+        self.expand = FrozenConv(ff.expand.weight, None, dtype, padding=0, gelu=True,
+                                 persistent=True)
+        self.depthwise = FrozenConv(ff.depthwise.weight, None, dtype, groups=ff.depthwise.groups,
+                                    gelu=True, persistent=True)
+        self.project = FrozenConv(ff.project.weight, None, dtype, padding=0, persistent=True)
+
+    def forward(self, x):
+        y = self.expand(x.to(self.expand.weight.dtype))
+        return self.project(self.depthwise(y)).to(x.dtype)
+
+
+class FusedConvolutions(nn.Module):
+    """The image network's convolutions, BatchNorms and GELUs as frozen, fused
+    convolutions computing in ``dtype``: the encoder, the decoder and the slot decoder.
+
+    Its buffers stay out of state_dicts: they are derived from the layers."""
+
+    def __init__(self, model: ExposureSlot, dtype: torch.dtype):
+        super().__init__()
+        c = model.conv1_2.out_channels
+        self.conv1_1 = FrozenConv(*_weight_and_bias(model.conv1_1), dtype, gelu=True)
+        self.conv1_2 = FrozenConv(*_weight_and_bias(model.conv1_2, model.bn1), dtype)
+        self.down1 = _downsample(model.down1, dtype)
+        self.conv2_2 = _after_unshuffle(model.conv2_2, model.bn2, dtype)
+        self.down2 = _downsample(model.down2, dtype)
+        self.conv3_2 = _after_unshuffle(model.conv3_2, model.bn3, dtype)
+        self.up1 = _upsample(model.up1, dtype)
+        self.conv4_1 = ConcatConv(model.conv4_1, 2 * c, dtype)
+        self.conv4_2 = FrozenConv(*_weight_and_bias(model.conv4_2), dtype, gelu=True)
+        self.up2 = _upsample(model.up2, dtype)
+        self.conv5_1 = ConcatConv(model.conv5_1, c, dtype)
+        self.conv5_2 = FrozenConv(*_weight_and_bias(model.conv5_2), dtype, gelu=True)
+        self.conv6 = FrozenConv(*_weight_and_bias(model.conv6), dtype, padding=0)
+        decoder = model.slot_decoder
+        self.slot_decoder = nn.Sequential(
+            _upsample(decoder.up1, dtype),
+            FrozenConv(*_weight_and_bias(decoder.conv1), dtype, gelu=True),
+            FrozenConv(*_weight_and_bias(decoder.conv2), dtype, gelu=True),
+            _upsample(decoder.up2, dtype),
+            FrozenConv(*_weight_and_bias(decoder.conv3), dtype, gelu=True),
+            FrozenConv(*_weight_and_bias(decoder.conv4), dtype, gelu=True),
+            FrozenConv(*_weight_and_bias(decoder.conv5), dtype),
+        )
+
+
+class InferenceExposureSlot(ExposureSlot):
+    """A frozen ``ExposureSlot`` whose whole-image forward runs ``FusedConvolutions``;
+    see ``optimize_for_inference``.
+
+    It keeps the network's layers (frozen, eval mode, same state_dict), so code that
+    walks them, such as tiled inference, still works on it; ``train()`` is refused.
+    """
+
+    def __init__(self, model: ExposureSlot, dtype: torch.dtype):
+        block = model.bottleneck
+        super().__init__(model.level, model.backend, model.size_policy,
+                         dim=block.to_q.in_features, iters=block.slot_attention.iters)
+        self.load_state_dict(model.state_dict())
+        # The slot attention needs float32 or better: with bfloat16 convolutions the
+        # layers (the bottleneck among them) stay float32, and so do images in and out.
+        outer = torch.float32 if dtype == torch.bfloat16 else dtype
+        self.to(device=model.conv1_1.weight.device, dtype=outer).requires_grad_(False)
+        super().train(False)
+        self.fused = FusedConvolutions(model, dtype)
+        self.bottleneck.ff = FrozenFeedForward(block.ff, dtype)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("an optimized model is for inference only; train the model "
+                               "it was made from and optimize it again")
+        return super().train(False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the convolutions run in."""
+        return self.fused.conv1_1.weight.dtype
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"
+
+    def _forward_aligned(self, x):
+        f = self.fused
+        h = x.to(self.compute_dtype, memory_format=torch.channels_last)
+        e1 = f.conv1_2(f.conv1_1(h))
+        e2 = f.conv2_2(f.down1(e1))
+        e3 = f.conv3_2(f.down2(e2))
+        z, slot_map, masks = self.bottleneck(e3.to(x.dtype))
+        z = canonical_channels_last(z.to(self.compute_dtype))
+        d2 = f.conv4_2(f.conv4_1(f.up1(z), e2))
+        d1 = f.conv5_2(f.conv5_1(f.up2(d2), e1))
+        return x + self._as_image(f.conv6(d1), x.dtype), slot_map, masks
+
+    def _reconstruct(self, slot_map):
+        recon = self.fused.slot_decoder(canonical_channels_last(slot_map.to(self.compute_dtype)))
+        return self._as_image(recon, slot_map.dtype)
+
+    @staticmethod
+    def _as_image(y, dtype):
+        return y.to(dtype, memory_format=torch.contiguous_format)
+
+
+def optimize_for_inference(model: ExposureSlot, dtype: torch.dtype = torch.float32) -> InferenceExposureSlot:
+    """A frozen, faster copy of ``model`` for inference (its eval-mode function).
+
+    ``dtype`` is what the convolutions compute in: ``torch.float32`` (default; within
+    1e-4 of the float64 network on images in [0, 1]), ``torch.bfloat16`` (several times
+    faster on CPUs with AMX or AVX512-BF16, about 1e-2 worse; the bottleneck, the
+    inputs and the outputs stay float32) or ``torch.float64``. The copy lives on the
+    model's device; ``model`` itself is not changed and later changes to it are not
+    seen by the copy.
+    """
+    if not isinstance(model, ExposureSlot):
+        raise TypeError(f"expected an ExposureSlot, got {type(model).__name__}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, COMPUTE_DTYPES))}, got {dtype}")
+    for name in ("bn1", "bn2", "bn3"):
+        if getattr(model, name).running_mean is None:
+            raise ValueError(f"{name} keeps no running statistics (track_running_stats=False), "
+                             "so there is no inference-time BatchNorm to fold")
+    with torch.no_grad():
+        return InferenceExposureSlot(model, dtype)
+
+
+# --------------------------------------------------------------------------
+# Weight algebra, in float64
+
+
+def _weight_and_bias(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
+    """The conv's weight and bias (zeros if it has none), with ``bn`` (eval mode)
+    folded in: ``bn(conv(x)) = conv'(x)``."""
+    weight = conv.weight.detach().double()
+    bias = (torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+            if conv.bias is None else conv.bias.detach().double())
+    if bn is None:
+        return weight, bias
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = weight * scale[:, None, None, None]
+    bias = (bias - bn.running_mean.double()) * scale + bn.bias.detach().double()
+    return weight, bias
+
+
+def _downsample(down, dtype) -> FrozenConv:
+    """``Downsample``'s convolution with the GELU that follows it, its PixelUnshuffle
+    left to ``_after_unshuffle`` (GELU acts per value, so the order does not matter)."""
+    weight, _ = _weight_and_bias(down.conv)
+    return FrozenConv(weight, None, dtype, reflect=True, padding=0, gelu=True)
+
+
+def _after_unshuffle(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype) -> FrozenConv:
+    """``bn(conv(PixelUnshuffle(2)(t)))`` as one stride-2 6x6 convolution of ``t``.
+
+    Unshuffled channel ``4c + 2a + b`` at ``(i, j)`` is ``t[c, 2i + a, 2j + b]``, so
+    tap ``(dy, dx)`` of that channel is tap ``(2dy + a, 2dx + b)`` of channel ``c`` on
+    the full-resolution grid; zero padding 1 there is zero padding 2 here.
+    """
+    weight, bias = _weight_and_bias(conv, bn)
+    out, inp, kh, kw = weight.shape
+    weight = (weight.view(out, inp // 4, 2, 2, kh, kw)  # [o, c, a, b, dy, dx]
+              .permute(0, 1, 4, 2, 5, 3).reshape(out, inp // 4, 2 * kh, 2 * kw))
+    return FrozenConv(weight, bias, dtype, stride=2, padding=2)
+
+
+def _upsample(up, dtype) -> FrozenConv:
+    """``Upsample`` (reflect-padded 3x3 conv to 4n channels, then PixelShuffle(2)) as a
+    stride-2 transposed 6x6 convolution of the padded map.
+
+    Output ``[c, 2i + a, 2j + b]`` is conv channel ``4c + 2a + b`` at ``(i, j)``, the sum
+    over taps ``(dy, dx)`` of padded input ``(i + dy, j + dx)``. A transposed
+    convolution with stride 2 and padding 4 takes input ``p`` to output ``2p + k - 4``,
+    so tap ``dy`` of phase ``a`` is kernel row ``k = 2(2 - dy) + a``.
+    """
+    weight, _ = _weight_and_bias(up.conv)
+    out4, inp, kh, kw = weight.shape
+    weight = (weight.view(out4 // 4, 2, 2, inp, kh, kw).flip(4, 5)  # [c, a, b, in, 2-dy, 2-dx]
+              .permute(3, 0, 4, 1, 5, 2).reshape(inp, out4 // 4, 2 * kh, 2 * kw))
+    return FrozenConv(weight, None, dtype, stride=2, padding=4, reflect=True, transposed=True)

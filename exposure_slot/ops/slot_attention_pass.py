@@ -1,0 +1,216 @@
+"""One slot-attention pass of one level, with the level's inputs computed on the fly.
+
+A level at depth D-1 of a slot-in-slot tree sees the top level's token features
+through a chain of D stages, one per level from the top down to itself: stage d
+applies level d's input LayerNorm and then multiplies by a modulation: its base (a
+[B, N, C] tensor, or none) and its factors (mask-weighted fusions, see
+``mask_fusion``):
+
+    x_{-1} = k_in;  x_d = LayerNorm_d(x_{d-1}) * base_d * prod_{j in stage d} mix_j;
+    k = x_{D-1}
+
+(and likewise ``v`` from ``v_in`` with the v LayerNorms and the same factors). SPEC
+section 1: a level LayerNorms its input; after each iteration it multiplies its own
+k and v by ``pf * b_c``; and it hands its child ``k * pf``. With queries ``q``
+[B, K, C] (already multiplied by ``scale``) the pass returns
+
+    attn     = softmax over slots of q . k, plus attn_eps        [B, K, N]
+    attn_sum = sum over tokens of attn                           [B, K]
+    attn_v   = sum over tokens of attn * v                       [B, K, C]
+
+so the level's slot update input is ``attn_v / attn_sum``, and ``stats`` [B, N, D, 4],
+each stage's LayerNorm statistics per token (mean and 1/std of the k row, then of
+the v row). A later pass through the same leading stages (the level's next
+iterations, its descendants) takes them as its ``stats`` input ([B, N, S, 4], any
+S <= D) and skips recomputing them; ``stats`` is a cache, not differentiable, and
+the backward recomputes everything. The compiled kernels never write a [B, N, C]
+tensor: every stage is recomputed per token from ``k_in``, ``v_in``, the stage
+bases and the small [B, K_j, N] masks.
+
+Arguments: ``norm_{k,v}_{weight,bias}`` [D, C] (row d is stage d); ``stage_bases``
+a list of [B, N, C] tensors and ``base_stages`` their stages, increasing (a stage
+has at most one base); ``factor_masks``/``factor_tables`` lists of [B, K_j, N] /
+[B or 1, K_j, C] and ``factor_stages`` the stage of each factor, sorted. (Lists
+plus stage indices rather than one optional entry per stage: torch.library's
+autograd does not differentiate lists with None entries.)
+
+This module is the op's Python side: the reference twin, argument checks, fake
+kernels and autograd (backward by recomputation, ``slot_attention_pass_backward``).
+The C++ kernel is ``csrc/cpu/slot_attention_pass.cpp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checks import check_tensors
+from .mask_fusion import KERNEL_DTYPES, check_factors, mask_fusion_reference
+
+NORM_NAMES = ("norm_k_weight", "norm_k_bias", "norm_v_weight", "norm_v_bias")
+
+
+def slot_attention_pass_reference(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+                                  norm_v_bias, stage_bases: Sequence[torch.Tensor],
+                                  base_stages: Sequence[int],
+                                  factor_masks: Sequence[torch.Tensor],
+                                  factor_tables: Sequence[torch.Tensor],
+                                  factor_stages: Sequence[int], queries, stats, norm_eps: float,
+                                  attn_eps: float):
+    """The pass in plain PyTorch (differentiable, any device): (attn, attn_sum,
+    attn_v, stats). It ignores the ``stats`` input (a cache) and computes all."""
+    k, v = k_in, v_in
+    channels = k_in.shape[-1]
+    all_stats = []
+    for d in range(norm_k_weight.shape[0]):
+        for x in (k, v):
+            var, mean = torch.var_mean(x.detach(), dim=-1, correction=0)
+            all_stats += [mean, (var + norm_eps).rsqrt()]
+        k = F.layer_norm(k, (channels,), norm_k_weight[d], norm_k_bias[d], norm_eps)
+        v = F.layer_norm(v, (channels,), norm_v_weight[d], norm_v_bias[d], norm_eps)
+        stage = [j for j, s in enumerate(factor_stages) if s == d]
+        base = next((t for t, s in zip(stage_bases, base_stages) if s == d), None)
+        mod = mask_fusion_reference([factor_masks[j] for j in stage],
+                                    [factor_tables[j] for j in stage], base)
+        if mod is not None:
+            k, v = k * mod, v * mod
+    attn = torch.bmm(queries, k.transpose(1, 2)).softmax(dim=1) + attn_eps
+    stats_out = torch.stack(all_stats, dim=-1).unflatten(-1, (-1, 4))  # [B, N, D, 4]
+    return attn, attn.sum(dim=-1), torch.bmm(attn, v), stats_out
+
+
+def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+               stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
+               stats=None, *, grads=None,
+               kernel: bool = False, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
+    """Raise TypeError or ValueError naming the problem; ``grads`` are the backward
+    op's three output gradients. Returns (B, N, C, K)."""
+    named = {"k_in": k_in, "v_in": v_in, "queries": queries}
+    if stats is not None:
+        named["stats"] = stats
+    named.update(zip(NORM_NAMES, (norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias)))
+    named.update((f"stage_bases[{j}]", t) for j, t in enumerate(stage_bases))
+    named.update((f"factor_masks[{j}]", m) for j, m in enumerate(factor_masks))
+    named.update((f"factor_tables[{j}]", t) for j, t in enumerate(factor_tables))
+    if grads is not None:
+        named.update(zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads))
+    check_tensors(named, op=op, dtypes=KERNEL_DTYPES if kernel else None)
+
+    if k_in.dim() != 3:
+        raise ValueError(f"{op}: k_in must be [B, N, C], got shape {list(k_in.shape)}")
+    batch, tokens, channels = k_in.shape
+    if v_in.shape != k_in.shape:
+        raise ValueError(f"{op}: v_in must be [B, N, C] like k_in {list(k_in.shape)}, "
+                         f"got shape {list(v_in.shape)}")
+    if tokens < 1:
+        raise ValueError(f"{op}: k_in must hold at least one token, got shape {list(k_in.shape)}")
+    depth = norm_k_weight.shape[0] if norm_k_weight.dim() == 2 else 0
+    for name in NORM_NAMES:
+        if depth < 1 or list(named[name].shape) != [depth, channels]:
+            raise ValueError(f"{op}: {name} must be [D, C] with D >= 1 stages and C = {channels} "
+                             f"(from k_in), got shape {list(named[name].shape)}")
+    if queries.dim() != 3 or queries.shape[0] != batch or queries.shape[1] < 1 \
+            or queries.shape[2] != channels:
+        raise ValueError(f"{op}: queries must be [B, K, C] = [{batch}, K >= 1, {channels}] "
+                         f"(B, C from k_in), got shape {list(queries.shape)}")
+    slots = queries.shape[1]
+    base_stages = list(base_stages)
+    if len(base_stages) != len(stage_bases):
+        raise ValueError(f"{op}: base_stages has {len(base_stages)} entries but there are "
+                         f"{len(stage_bases)} stage_bases")
+    if any(not 0 <= s < depth for s in base_stages) or \
+            any(a >= b for a, b in zip(base_stages, base_stages[1:])):
+        raise ValueError(f"{op}: base_stages must be increasing stage indices in [0, {depth}), "
+                         f"got {base_stages}")
+    for j, t in enumerate(stage_bases):
+        if t.shape != k_in.shape:
+            raise ValueError(f"{op}: stage_bases[{j}] must be [B, N, C] like k_in "
+                             f"{list(k_in.shape)}, got shape {list(t.shape)}")
+    check_factors(factor_masks, factor_tables, batch=batch, tokens=tokens, channels=channels, op=op)
+    stages = list(factor_stages)
+    if len(stages) != len(factor_masks):
+        raise ValueError(f"{op}: factor_stages has {len(stages)} entries but there are "
+                         f"{len(factor_masks)} factors")
+    if any(not 0 <= s < depth for s in stages) or stages != sorted(stages):
+        raise ValueError(f"{op}: factor_stages must be sorted stage indices in [0, {depth}), "
+                         f"got {stages}")
+    if stats is not None and (stats.dim() != 4 or list(stats.shape[:2]) != [batch, tokens]
+                              or stats.shape[2] > depth or stats.shape[3] != 4):
+        raise ValueError(f"{op}: stats must be [B, N, S, 4] = [{batch}, {tokens}, S <= {depth}, 4] "
+                         f"(a previous pass's stats output), got shape {list(stats.shape)}")
+    if grads is not None:
+        expected = ([batch, slots, tokens], [batch, slots], [batch, slots, channels])
+        for name, g, shape in zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads, expected):
+            if list(g.shape) != shape:
+                raise ValueError(f"{op}: {name} must have shape {shape}, got {list(g.shape)}")
+    return batch, tokens, channels, slots
+
+
+# ---------------------------------------------------------------- torch.library
+
+
+def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+          base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+          attn_eps):
+    batch, tokens, channels, slots = check_args(
+        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, kernel=True)
+    return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
+            k_in.new_empty((batch, slots, channels)),
+            k_in.new_empty((batch, tokens, norm_k_weight.shape[0], 4)))
+
+
+def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
+                   norm_k_bias, norm_v_weight, norm_v_bias, stage_bases, base_stages,
+                   factor_masks, factor_tables, factor_stages, queries, norm_eps, attn_eps):
+    check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+               base_stages, factor_masks, factor_tables, factor_stages, queries,
+               grads=(grad_attn, grad_attn_sum, grad_attn_v), kernel=True,
+               op="slot_attention_pass_backward")
+    new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return (new(k_in), new(v_in), new(norm_k_weight), new(norm_k_bias), new(norm_v_weight),
+            new(norm_v_bias), [new(t) for t in stage_bases],
+            [new(m) for m in factor_masks], [new(t) for t in factor_tables], new(queries))
+
+
+def _setup_context(ctx, inputs, output):
+    # Only inputs are saved: the backward recomputes the chain and the softmax.
+    (k_in, v_in, nkw, nkb, nvw, nvb, bases, base_stages, masks, tables, factor_stages, queries,
+     _stats, norm_eps, attn_eps) = inputs
+    ctx.mark_non_differentiable(output[3])
+    ctx.lengths = (len(bases), len(masks))
+    ctx.stages = (list(base_stages), list(factor_stages))
+    ctx.eps = (norm_eps, attn_eps)
+    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, *bases, *masks, *tables)
+
+
+def _backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
+    k_in, v_in, nkw, nkb, nvw, nvb, queries, *lists = ctx.saved_tensors
+    num_bases, num_factors = ctx.lengths
+    bases = lists[:num_bases]
+    masks = lists[num_bases:num_bases + num_factors]
+    tables = lists[num_bases + num_factors:]
+    base_stages, factor_stages = ctx.stages
+    grads = torch.ops.exposure_slot.slot_attention_pass_backward(
+        grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw, nvb, bases,
+        base_stages, masks, tables, factor_stages, queries, *ctx.eps)
+    (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
+    return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
+            g_tables, _no_grad(factor_stages), g_queries, None, None, None)
+
+
+def _no_grad(int_list):
+    # torch.library matches the returned structure against the inputs' pytree, where a
+    # non-empty int list is one leaf but an empty list is an empty node.
+    return None if int_list else []
+
+
+def register() -> None:
+    """Attach the fake kernels and the autograd formula to the compiled ops. Called
+    once by ``exposure_slot.ops`` after ``exposure_slot._C`` has defined them."""
+    torch.library.register_fake("exposure_slot::slot_attention_pass", _fake)
+    torch.library.register_fake("exposure_slot::slot_attention_pass_backward", _fake_backward)
+    torch.library.register_autograd("exposure_slot::slot_attention_pass", _backward,
+                                    setup_context=_setup_context)
