@@ -80,6 +80,8 @@ class TrainConfig:
 
     ``batch_size`` is the global batch (split over the processes).
     ``data`` is a free-form description recorded in the weights' metadata.
+    ``init_weights``: start from these weights (ours, or the authors' checkpoint)
+    instead of a random initialisation: fine-tuning.
     """
 
     output_dir: str
@@ -100,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     data: str = ""
+    init_weights: str | None = None
 
 
 class TrainingError(RuntimeError):
@@ -283,11 +286,29 @@ def _csv_text(rows: Sequence[dict], header: bool) -> str:
 
 
 def build_model(config: TrainConfig) -> ExposureSlot:
-    """The network to train; its initial weights are fixed by ``config.seed``."""
+    """The network to train; its initial weights are ``config.init_weights``, or
+    random, fixed by ``config.seed``."""
     torch.manual_seed(config.seed)
     # "resize" matches the released training on any crop; crops are multiples of 4 anyway.
-    return ExposureSlot(level=config.level, backend=config.backend, size_policy="resize",
-                        dim=config.dim, iters=config.iters)
+    model = ExposureSlot(level=config.level, backend=config.backend, size_policy="resize",
+                         dim=config.dim, iters=config.iters)
+    if config.init_weights is not None:
+        from .checkpoint import CheckpointError, load_official
+        from .pretrained import load_weights
+        try:
+            start = load_weights(config.init_weights)
+        except CheckpointError:  # not our format: the authors' checkpoint layout?
+            try:
+                start = load_official(config.init_weights)
+            except CheckpointError as exc:
+                raise TrainingError(f"--init-weights {config.init_weights}: {exc}") from None
+        try:
+            model.load_state_dict(start.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise TrainingError(f"--init-weights {config.init_weights} does not fit a level-"
+                                f"{config.level}, dim-{config.dim} network: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
+    return model
 
 
 def train(dataset: Dataset, config: TrainConfig, *, resume: bool = False) -> torch.nn.Module:
@@ -516,6 +537,9 @@ def add_train_command(commands) -> None:
     recipe.add_argument("--dim", type=int, default=128,
                         help="bottleneck channels (default 128, the released network)")
     recipe.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    recipe.add_argument("--init-weights", metavar="PATH",
+                        help="fine-tune: start from these weights (a weights.pt of ours or the "
+                             "authors' .pth) instead of a random initialisation")
 
     running = parser.add_argument_group("running")
     running.add_argument("--resume", action="store_true",
@@ -600,7 +624,8 @@ def _cmd_train(args) -> int:
             output_dir=str(args.output_dir), steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, level=args.level, dim=args.dim, backend=args.backend, device=args.device,
             amp=not args.no_amp, num_workers=args.workers, checkpoint_every=args.checkpoint_every,
-            log_every=args.log_every, seed=args.seed, progress=not args.quiet, data=description)
+            log_every=args.log_every, seed=args.seed, progress=not args.quiet, data=description,
+            init_weights=None if args.init_weights is None else str(args.init_weights))
         model = train(dataset, config, resume=args.resume)
     except (TrainingError, DatasetError, ValueError) as exc:
         raise _UsageError(" ".join(str(exc).split())) from None

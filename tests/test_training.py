@@ -211,3 +211,30 @@ def test_train_command_on_folder_pairs(photos, tmp_path, capsys):
     assert main(["train", "-o", str(tmp_path / "run2"), "--pairs", str(inputs), str(truths),
                  "--quiet"]) == EXIT_USAGE
     assert "1.png" in capsys.readouterr().err
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path):
+    """init_weights: the network starts from the file (ours or the authors'), not a
+    random initialisation; a mismatched file is a TrainingError naming it."""
+    from exposure_slot.network import ExposureSlot
+    from exposure_slot.pretrained import save_weights
+    from exposure_slot.training import build_model
+
+    torch.manual_seed(123)
+    start = ExposureSlot(level=2)
+    save_weights(start, tmp_path / "start.pt")
+    export = tmp_path / "authors.pth"
+    from exposure_slot.checkpoint import export_official
+    export_official(start, export)
+    for path in (tmp_path / "start.pt", export):
+        model = build_model(TrainConfig(output_dir=str(tmp_path / "run"),
+                                        init_weights=str(path)))
+        assert _state_hash(model.state_dict()) == _state_hash(start.state_dict())
+    fresh = build_model(TrainConfig(output_dir=str(tmp_path / "run")))
+    assert _state_hash(fresh.state_dict()) != _state_hash(start.state_dict())
+    with pytest.raises(TrainingError, match="start.pt does not fit a level-3"):
+        build_model(TrainConfig(output_dir=str(tmp_path / "run"), level=3,
+                                init_weights=str(tmp_path / "start.pt")))
+    with pytest.raises(TrainingError, match="missing.pt"):
+        build_model(TrainConfig(output_dir=str(tmp_path / "run"),
+                                init_weights=str(tmp_path / "missing.pt")))

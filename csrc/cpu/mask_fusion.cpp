@@ -29,6 +29,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -107,16 +108,24 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
   reduce_table_grads(factors, partials, chunks, offsets, C, grad_tables, parallel);
 }
 
+// The factors and the base, checked and contiguous (kept alive by `storage`).
+template <typename T>
+std::pair<std::vector<Factor<T>>, const T*> fusion_inputs(
+    const char* op, const FusionDims& d, at::TensorList masks, at::TensorList tables,
+    const std::optional<at::Tensor>& base, std::vector<at::Tensor>& storage) {
+  const at::ScalarType dtype = masks[0].scalar_type();
+  auto factors = make_factors<T>(op, masks, tables, d.batch, d.tokens, d.channels, dtype, storage);
+  const T* base_data = make_dense<T>(op, "base", base, d.batch, d.tokens, d.channels, dtype, storage);
+  return {std::move(factors), base_data};
+}
+
 // out = (base or 1) * the mixtures; out may be base itself (the in-place op).
 void fuse_into(const char* op, const FusionDims& d, at::TensorList masks, at::TensorList tables,
                const std::optional<at::Tensor>& base, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(masks[0].scalar_type(), "mask_fusion_cpu", [&] {
     std::vector<at::Tensor> storage;
-    const at::ScalarType dtype = masks[0].scalar_type();
-    const auto factors =
-        make_factors<scalar_t>(op, masks, tables, d.batch, d.tokens, d.channels, dtype, storage);
-    const scalar_t* base_data =
-        make_dense<scalar_t>(op, "base", base, d.batch, d.tokens, d.channels, dtype, storage);
+    const auto [factors, base_data] =
+        fusion_inputs<scalar_t>(op, d, masks, tables, base, storage);
     forward_kernel<scalar_t>(factors, base_data, d, out.mutable_data_ptr<scalar_t>());
   });
 }
@@ -153,11 +162,8 @@ mask_fusion_backward_cpu(const at::Tensor& grad, at::TensorList masks, at::Tenso
   if (base.has_value()) grad_base = at::empty({d.batch, d.tokens, d.channels}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(masks[0].scalar_type(), "mask_fusion_backward_cpu", [&] {
     std::vector<at::Tensor> storage;
-    const at::ScalarType dtype = masks[0].scalar_type();
-    const auto factors =
-        make_factors<scalar_t>(op, masks, tables, d.batch, d.tokens, d.channels, dtype, storage);
-    const scalar_t* base_data =
-        make_dense<scalar_t>(op, "base", base, d.batch, d.tokens, d.channels, dtype, storage);
+    const auto [factors, base_data] =
+        fusion_inputs<scalar_t>(op, d, masks, tables, base, storage);
     backward_kernel<scalar_t>(factors, base_data, d, grad_c.const_data_ptr<scalar_t>(),
                               grad_masks, grad_tables,
                               grad_base.has_value() ? grad_base->mutable_data_ptr<scalar_t>()
