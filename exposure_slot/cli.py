@@ -215,7 +215,6 @@ def _build_model(args):
     import torch
 
     from . import CheckpointError, ExposureSlot, load_official
-
     from .backends import validate_backend
     from .inference import optimize_for_inference
 
@@ -306,8 +305,19 @@ def _cmd_enhance(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .images import ImageReadError, colorize_masks, output_format, read_image, save_image
-    from .tiling import default_memory_budget, infer_large, parse_memory_size, plan_tiles
+    from .images import (
+        ImageReadError,
+        colorize_masks,
+        output_format,
+        read_image,
+        save_image,
+    )
+    from .tiling import (
+        default_memory_budget,
+        infer_large,
+        parse_memory_size,
+        plan_tiles,
+    )
 
     if args.tile is not None and args.tile < 1:
         raise _UsageError(f"--tile must be a positive number of pixels, got {args.tile}")

@@ -194,7 +194,7 @@ one row per case (input | output | ground truth | exposure regions in colour).
 Prints PSNR/SSIM (input and output against the original) and the time per
 image on every available backend.
 
-The demo model is a level-2 network trained for a few thousand steps on
+The demo model is a level-2 network trained for 2,400 steps on
 synthetic exposure errors of 18 Kodak photos (see the README's model card); it
 is a demonstration, not the authors' weights. With no PHOTO, the held-out Kodak
 image kodim23 is used when the project's shared data is present, otherwise a

@@ -39,8 +39,16 @@ from typing import Sequence
 import torch
 
 from . import cli
-from .data.datasets import (EXPOSURE_NAMES, OVER, UNDER, DatasetError, ExposureDataset, ImagePair,
-                            folder_pairs, read_split)
+from .data.datasets import (
+    EXPOSURE_NAMES,
+    OVER,
+    UNDER,
+    DatasetError,
+    ExposureDataset,
+    ImagePair,
+    folder_pairs,
+    read_split,
+)
 from .images import atomic_write, save_image
 from .metrics import psnr, ssim
 
