@@ -5,9 +5,11 @@ Install with ``pip install -e . --no-build-isolation`` after installing torch, s
 that the extension is compiled against the torch it will be loaded into.
 
 Environment:
-  EXPOSURE_SLOT_CPU_ARCH   compiler flag selecting the CPU instruction set
-                           (default ``-march=native``; set ``-march=x86-64-v3``
-                           or similar when building a wheel for other machines).
+  EXPOSURE_SLOT_CPU_ARCH   compiler flags selecting the CPU instruction set
+                           (default ``-march=native``, plus
+                           ``-mprefer-vector-width=512`` on x86-64; set
+                           ``-march=x86-64-v3`` or similar when building a wheel
+                           for other machines).
   FORCE_CUDA=1             build the CUDA sources even if torch reports no CUDA.
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0").
   MAX_JOBS                 parallel compile jobs (ninja).
