@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from conftest import is_short
 from torch.utils.flop_counter import FlopCounterMode
 
 import exposure_slot as es
@@ -30,8 +31,7 @@ RESULTS_SGEMM: list[float] = []  # this session's sgemm flops per second, measur
 
 
 def bench_sizes(config) -> dict:
-    short = config.getoption("--bench-short") or os.environ.get("EXPOSURE_SLOT_BENCH_SHORT") == "1"
-    return SHORT if short else FULL
+    return SHORT if is_short(config) else FULL
 
 
 def build(variant: str, level: int):

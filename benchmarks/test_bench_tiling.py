@@ -18,13 +18,13 @@ and the process's peak resident memory (run it alone: it is the measurement):
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
 
 import pytest
 import torch
+from conftest import is_short
 
 import exposure_slot as es
 from exposure_slot.tiling import MODES, infer_large, plan_tiles
@@ -34,8 +34,7 @@ SHORT = {"size": (192, 256), "tile": 64, "rounds": 3}
 
 
 def settings(config) -> dict:
-    short = config.getoption("--bench-short") or os.environ.get("EXPOSURE_SLOT_BENCH_SHORT") == "1"
-    return SHORT if short else FULL
+    return SHORT if is_short(config) else FULL
 
 
 def random_model(level: int = 2) -> es.ExposureSlot:
