@@ -94,6 +94,38 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose and place the network (read by ``_build_model``),
+    shared by the commands that run one: --checkpoint | --random-weights, --level,
+    --seed, --backend, --device, --size-policy."""
+    from . import available_backends
+
+    model = parser.add_argument_group("model")
+    weights = model.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", metavar="PATH", type=Path,
+                         help="the authors' released checkpoint (.pth), e.g. MSEC_level2.pth, "
+                              "or a {'model': state_dict} checkpoint of ours")
+    weights.add_argument("--random-weights", action="store_true",
+                         help="use a randomly initialised network (seeded); only for testing "
+                              "the tool, the outputs are NOT real corrections")
+    model.add_argument("--level", type=int, choices=(2, 3), default=None,
+                       help="network level for --random-weights (default 2); with "
+                            "--checkpoint it is read from the file and this only checks it")
+    model.add_argument("--seed", type=int, default=0,
+                       help="random seed for --random-weights (default 0)")
+    model.add_argument("--backend", default="auto", metavar="NAME",
+                       help="implementation of the slot attention: 'auto' (default) takes "
+                            "the fastest one available; 'reference' is plain PyTorch. "
+                            f"Available here: auto, {', '.join(available_backends())}")
+    model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="where to compute: 'auto' (default) uses a CUDA GPU if there is one")
+    model.add_argument("--size-policy", choices=("pad", "resize"), default="pad",
+                       help="for sides that are not a multiple of 4: 'pad' (default) "
+                            "reflect-pads the bottom/right edge and crops the result, as the "
+                            "authors evaluate; 'resize' scales to the multiple of 4 below "
+                            "and back, as the authors' training code does")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exposure-slot",
@@ -101,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__, available_backends
+    from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
@@ -117,28 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="input photos (JPEG or PNG, 8 or 16 bits per channel)")
     enhance.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR", type=Path,
                          help="directory for the results (created if missing)")
-    weights = enhance.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", metavar="PATH", type=Path,
-                         help="the authors' released checkpoint (.pth), e.g. MSEC_level2.pth")
-    weights.add_argument("--random-weights", action="store_true",
-                         help="use a randomly initialised network (seeded); only for testing "
-                              "the tool, the outputs are NOT real corrections")
-    enhance.add_argument("--level", type=int, choices=(2, 3), default=None,
-                         help="network level for --random-weights (default 2); with "
-                              "--checkpoint it is read from the file and this only checks it")
-    enhance.add_argument("--seed", type=int, default=0,
-                         help="random seed for --random-weights (default 0)")
-    enhance.add_argument("--backend", default="auto", metavar="NAME",
-                         help="implementation of the slot attention: 'auto' (default) takes "
-                              "the fastest one available; 'reference' is plain PyTorch. "
-                              f"Available here: auto, {', '.join(available_backends())}")
-    enhance.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where to compute: 'auto' (default) uses a CUDA GPU if there is one")
-    enhance.add_argument("--size-policy", choices=("pad", "resize"), default="pad",
-                         help="for sides that are not a multiple of 4: 'pad' (default) "
-                              "reflect-pads the bottom/right edge and crops the result, as the "
-                              "authors evaluate; 'resize' scales to the multiple of 4 below "
-                              "and back, as the authors' training code does")
+    add_model_options(enhance)
     enhance.add_argument("--save-masks", action="store_true",
                          help="also write <stem>_masks.png, a picture of the three top-level "
                               "exposure regions the network found, one colour per region "

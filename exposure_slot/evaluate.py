@@ -285,8 +285,6 @@ examples:
 
 def add_eval_command(commands) -> None:
     """Register ``exposure-slot eval`` on the CLI's subparsers."""
-    from . import available_backends
-
     parser = commands.add_parser("eval", help="PSNR/SSIM of a model on a benchmark (paper's table)",
                                  description=_EVAL_DESCRIPTION, epilog=_EVAL_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -304,24 +302,7 @@ def add_eval_command(commands) -> None:
                       help="with --input-dir: the group of inputs whose name carries no EV "
                            "(default: unknown, counted in 'all' only)")
 
-    weights = parser.add_argument_group("model")
-    choice = weights.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--checkpoint", type=Path, metavar="PATH",
-                        help="the authors' .pth or a checkpoint of ours ({'model': state_dict})")
-    choice.add_argument("--random-weights", action="store_true",
-                        help="a randomly initialised network (seeded): tests the pipeline only")
-    weights.add_argument("--level", type=int, choices=(2, 3), default=None,
-                         help="network level for --random-weights (default 2); with "
-                              "--checkpoint it only checks the file's level")
-    weights.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
-    weights.add_argument("--backend", default="auto", metavar="NAME",
-                         help=f"slot attention implementation: auto (default), "
-                              f"{', '.join(available_backends())}")
-    weights.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where to compute (default: a CUDA GPU if there is one)")
-    weights.add_argument("--size-policy", choices=("pad", "resize"), default="pad",
-                         help="sides not a multiple of 4: 'pad' (default, the authors' "
-                              "evaluation) or 'resize'")
+    cli.add_model_options(parser)
 
     out = parser.add_argument_group("output")
     out.add_argument("--csv", type=Path, metavar="PATH",
