@@ -273,9 +273,14 @@ class ExposureSlotBase(nn.Module):
         if not return_aux:
             return image
         recon = self._from_multiple(self._reconstruct(slot_map), height, width)
-        if self.size_policy == "pad":
-            masks = [m[..., :-(-height // MULTIPLE), :-(-width // MULTIPLE)] for m in masks]
-        return ExposureOutput(image, masks, recon)
+        return ExposureOutput(image, self._crop_masks(masks, height, width), recon)
+
+    def _crop_masks(self, masks, height: int, width: int):
+        """The 1/4-resolution masks of the aligned input, cropped under "pad" to the
+        ceil(H/4) x ceil(W/4) that cover the original image."""
+        if self.size_policy != "pad":
+            return masks
+        return [m[..., :-(-height // MULTIPLE), :-(-width // MULTIPLE)] for m in masks]
 
     def _forward_aligned(self, x):
         raise NotImplementedError

@@ -68,7 +68,6 @@ from .inference import (
     canonical_channels_last,
 )
 from .network import (
-    MULTIPLE,
     Downsample,
     ExposureSlot,
     ExposureSlotBase,
@@ -656,9 +655,7 @@ def infer_large(model: ExposureSlot, x: torch.Tensor, *, max_memory: int | str |
         image = model._from_multiple(image, height, width)
     if not return_masks:
         return image
-    if model.size_policy == "pad":
-        masks = [m[..., :-(-height // MULTIPLE), :-(-width // MULTIPLE)] for m in masks]
-    return image, masks
+    return image, model._crop_masks(masks, height, width)
 
 
 def _tiles(size: tuple[int, int], tile: int) -> list[Box]:
