@@ -382,3 +382,21 @@ def test_package_imports_without_the_extension():
     """)
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", script, str(root)], check=True, cwd=root)
+
+
+# ---------------------------------------------------------------- in place
+
+
+@pytest.mark.parametrize("backend", [
+    "reference", pytest.param("cpu", marks=requires_kernels)])
+def test_in_place_update_equals_the_out_of_place_op(backend):
+    """mask_fusion_ writes mask_fusion(masks, tables, base) into base (float64,
+    1e-12) and refuses to run where autograd would need the old base."""
+    masks, tables, base, _ = make_inputs(2, [3, 7], 1031, 37, table_batches=[1, 2],
+                                         with_base=True)
+    expected = mask_fusion(masks, tables, base, backend="reference")
+    updated = base.clone()
+    assert ops.mask_fusion_(masks, tables, updated, backend=backend) is updated
+    torch.testing.assert_close(updated, expected, rtol=F64_TOL, atol=F64_TOL * expected.abs().max())
+    with pytest.raises(RuntimeError, match="in-place and not differentiable"):
+        ops.mask_fusion_(masks, tables, base.clone().requires_grad_(), backend=backend)

@@ -31,7 +31,7 @@ else:
 # csrc/exposure_slot.cpp tells torch to find their fake kernels.
 from . import mask_fusion as _mask_fusion
 from . import slot_attention_pass as _slot_attention_pass
-from .mask_fusion import mask_fusion_reference
+from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
 from .slot_attention_pass import slot_attention_pass_reference
 
 if _C is not None:
@@ -70,9 +70,7 @@ def mask_fusion_(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*masks, *tables, base)):
         raise RuntimeError("mask_fusion_: in-place and not differentiable; use mask_fusion "
                            "when gradients are needed (or call it under torch.no_grad())")
-    if backend == "reference":
-        return base.mul_(mask_fusion_reference(masks, tables))
-    _select("mask_fusion_", backend, mask_fusion_reference, masks[0].device)(
+    _select("mask_fusion_", backend, mask_fusion_reference_, masks[0].device)(
         list(masks), list(tables), base)
     return base
 

@@ -49,6 +49,12 @@ def mask_fusion_reference(masks: Sequence[torch.Tensor], tables: Sequence[torch.
     return out
 
 
+def mask_fusion_reference_(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
+                           base: torch.Tensor) -> torch.Tensor:
+    """The in-place twin: ``base *= prod_j masks[j]^T @ tables[j]``; returns base."""
+    return base.mul_(mask_fusion_reference(masks, tables))
+
+
 def check_factors(masks, tables, *, batch=None, tokens=None, channels=None,
                   op: str = "mask_fusion") -> tuple[int | None, int | None, int | None]:
     """Raise TypeError or ValueError naming the problem unless ``masks``/``tables`` are lists of
