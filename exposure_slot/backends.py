@@ -26,6 +26,13 @@ def available_backends() -> list[str]:
     found = {"reference"}
     if ops.cpu_kernels_available():
         found.add("cpu")
+    # The GPU backends need a GPU; Triton's CPU interpreter is for the op tests only
+    # (the ops accept backend="triton" on CPU tensors there), far too slow for models.
+    if torch.cuda.is_available():
+        if ops.cuda_kernels_available():
+            found.add("cuda")
+        if ops.triton_kernels_available():
+            found.add("triton")
     return [name for name in KNOWN_BACKENDS if name in found]
 
 

@@ -9,12 +9,18 @@ Every op ``name`` has three parts:
   and autograd formula;
 - the public wrapper below, which validates the arguments and runs the backend the
   caller has already resolved (see ``exposure_slot.backends``):
-  "reference" -> the twin, "cpu" -> the compiled op on CPU tensors.
+  "reference" -> the twin; "cpu" and "cuda" -> the compiled op (its CPU or CUDA
+  kernel, csrc/cpu or csrc/cuda); "triton" -> ``torch.ops.exposure_slot_triton.<name>``,
+  the same op as Triton kernels (``kernels/<name>.py``, installed as
+  ``exposure_slot.kernels``), on CUDA tensors, or on CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+
+import os
 
 import torch  # first: the extension links against torch's libraries
 
@@ -38,13 +44,57 @@ if _C is not None:
     _mask_fusion.register()
     _slot_attention_pass.register()
 
-__all__ = ["cpu_kernels_available", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
+__all__ = ["cpu_kernels_available", "cuda_kernels_available", "triton_kernels_available",
+           "BACKEND_DTYPES", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
            "slot_attention_pass", "slot_attention_pass_reference"]
+
+
+# The dtypes each backend's kernels implement (None: any floating dtype).
+BACKEND_DTYPES: dict[str, tuple[torch.dtype, ...] | None] = {
+    "reference": None,
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+}
 
 
 def cpu_kernels_available() -> bool:
     """True iff the compiled extension ``exposure_slot._C`` imported."""
     return _C is not None
+
+
+def cuda_kernels_available() -> bool:
+    """True iff the extension was built with its CUDA kernels (csrc/cuda)."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "exposure_slot::slot_attention_pass", "CUDA")
+
+
+def triton_interpreting() -> bool:
+    """True iff Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_kernels_available() -> bool:
+    """True iff the Triton kernels (``exposure_slot.kernels``) import, which needs the
+    ``triton`` package; whether they can run also needs a GPU or the interpreter."""
+    return _triton_ops() is not None
+
+
+def _triton_ops():
+    """``torch.ops.exposure_slot_triton`` after importing the kernels that define it
+    (lazily: importing triton takes a second), or None without triton."""
+    global _TRITON_IMPORT_ERROR
+    if _TRITON_IMPORT_ERROR is None:
+        try:
+            from .. import kernels  # noqa: F401  (defines the ops)
+        except ImportError as exc:
+            _TRITON_IMPORT_ERROR = exc
+        else:
+            _TRITON_IMPORT_ERROR = False
+    return None if _TRITON_IMPORT_ERROR else torch.ops.exposure_slot_triton
+
+
+_TRITON_IMPORT_ERROR: ImportError | bool | None = None  # None: not tried yet
 
 
 def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
@@ -56,7 +106,7 @@ def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
     Differentiable in every input on every backend. Raises TypeError/ValueError for
     bad arguments, RuntimeError when the backend is not built.
     """
-    _mask_fusion.check_args(masks, tables, base, kernel=backend != "reference")
+    _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend))
     return _select("mask_fusion", backend, mask_fusion_reference, masks[0].device)(
         list(masks), list(tables), base)
 
@@ -65,7 +115,7 @@ def mask_fusion_(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
                  base: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:
     """``mask_fusion`` written into ``base`` (contiguous), which it returns. Not
     differentiable: refuses tensors that require grad while grad mode is on."""
-    _mask_fusion.check_args(masks, tables, base, kernel=backend != "reference",
+    _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend),
                             op="mask_fusion_")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*masks, *tables, base)):
         raise RuntimeError("mask_fusion_: in-place and not differentiable; use mask_fusion "
@@ -94,7 +144,7 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
     args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
             base_stages, list(factor_masks), list(factor_tables),
             [int(s) for s in factor_stages], queries, stats)
-    _slot_attention_pass.check_args(*args, kernel=backend != "reference")
+    _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend))
     depth = norm_k_weight.shape[0]
     if len(stage_bases) != depth:
         raise ValueError(f"slot_attention_pass: stage_bases must have one entry (a tensor or "
@@ -103,20 +153,41 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
         *args, float(norm_eps), float(attn_eps))
 
 
+def _dtypes(backend: str) -> tuple[torch.dtype, ...] | None:
+    if backend not in BACKEND_DTYPES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of "
+                         f"{', '.join(BACKEND_DTYPES)}")
+    return BACKEND_DTYPES[backend]
+
+
 def _select(op: str, backend: str, reference: Callable, device: torch.device) -> Callable:
     """The implementation of ``op`` for ``backend`` and tensors on ``device`` (the
     op's argument checks have already put all its tensors on one device)."""
     if backend == "reference":
         return reference
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         if _C is None:
             raise RuntimeError(
-                f"{op}: backend 'cpu' needs the compiled extension exposure_slot._C, which "
-                f"did not import ({_C_IMPORT_ERROR}); build it with "
+                f"{op}: backend {backend!r} needs the compiled extension exposure_slot._C, "
+                f"which did not import ({_C_IMPORT_ERROR}); build it with "
                 "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`")
-        if device.type != "cpu":
-            raise ValueError(f"{op}: backend 'cpu' computes on CPU tensors, got tensors on "
-                             f"{device}; move them or choose another backend")
+        if backend == "cuda" and not cuda_kernels_available():
+            raise RuntimeError(
+                f"{op}: backend 'cuda' needs exposure_slot._C built with its CUDA kernels, "
+                "which needs a torch with CUDA at build time (or FORCE_CUDA=1); this build "
+                "has the CPU kernels only")
+        if device.type != backend:
+            raise ValueError(f"{op}: backend {backend!r} computes on {backend.upper()} tensors, "
+                             f"got tensors on {device}; move them or choose another backend")
         return getattr(torch.ops.exposure_slot, op)
-    raise ValueError(f"{op}: backend {backend!r} has no implementation here; "
-                     "expected 'reference' or 'cpu'")
+    if backend == "triton":
+        namespace = _triton_ops()
+        if namespace is None:
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package "
+                               f"(`pip install triton`): {_TRITON_IMPORT_ERROR}")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+            raise ValueError(f"{op}: backend 'triton' computes on CUDA tensors (or on CPU "
+                             f"tensors with TRITON_INTERPRET=1), got tensors on {device}")
+        return getattr(namespace, op)
+    raise ValueError(f"{op}: unknown backend {backend!r}; expected one of "
+                     f"{', '.join(BACKEND_DTYPES)}")

@@ -19,7 +19,7 @@ def check_tensors(named: Mapping[str, torch.Tensor], *, op: str,
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
         if dtypes is not None and t.dtype not in dtypes:
             raise TypeError(f"{op}: the compiled kernels implement "
-                            f"{' and '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+                            f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)}; "
                             f"got {name} of dtype {t.dtype}")
     if len({t.dtype for t in named.values()}) > 1:
         raise TypeError(f"{op}: all tensors must share one dtype, got "

@@ -34,8 +34,9 @@ import torch
 
 from .checks import check_tensors
 
-# The dtypes the compiled kernels implement.
-KERNEL_DTYPES = (torch.float32, torch.float64)
+# The dtypes some compiled kernel implements (the fake kernels accept these; each
+# backend's own list is exposure_slot.ops.BACKEND_DTYPES).
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def mask_fusion_reference(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
@@ -88,18 +89,18 @@ def check_factors(masks, tables, *, batch=None, tokens=None, channels=None,
     return batch, tokens, channels
 
 
-def check_args(masks, tables, base=None, grad=None, *, kernel: bool = False,
+def check_args(masks, tables, base=None, grad=None, *, dtypes: tuple[torch.dtype, ...] | None = None,
                op: str = "mask_fusion") -> tuple[int, int, int]:
     """Raise TypeError (not a tensor, dtype) or ValueError (device, shape) naming the
-    problem; ``grad`` is the backward op's output gradient [B, N, C]; ``kernel`` also
-    requires a dtype the compiled kernels implement. Returns (B, N, C)."""
+    problem; ``grad`` is the backward op's output gradient [B, N, C]; ``dtypes``, when
+    given, are the dtypes the chosen kernels implement. Returns (B, N, C)."""
     shape = check_factors(masks, tables, op=op)
     if not masks:
         raise ValueError(f"{op}: needs at least one (masks, table) factor, got none")
     named = {f"masks[{j}]": m for j, m in enumerate(masks)}
     named.update({f"tables[{j}]": t for j, t in enumerate(tables)})
     named.update((name, t) for name, t in (("base", base), ("grad", grad)) if t is not None)
-    check_tensors(named, op=op, dtypes=KERNEL_DTYPES if kernel else None)
+    check_tensors(named, op=op, dtypes=dtypes)
     for name in ("base", "grad"):
         if name in named and list(named[name].shape) != list(shape):
             raise ValueError(f"{op}: {name} must be [B, N, C] = {list(shape)} (B, N from "
@@ -111,16 +112,16 @@ def check_args(masks, tables, base=None, grad=None, *, kernel: bool = False,
 
 
 def _fake(masks, tables, base):
-    batch, tokens, channels = check_args(masks, tables, base, kernel=True)
+    batch, tokens, channels = check_args(masks, tables, base, dtypes=KERNEL_DTYPES)
     return masks[0].new_empty((batch, tokens, channels))
 
 
 def _fake_inplace(masks, tables, base):
-    check_args(masks, tables, base, kernel=True, op="mask_fusion_")
+    check_args(masks, tables, base, dtypes=KERNEL_DTYPES, op="mask_fusion_")
 
 
 def _fake_backward(grad, masks, tables, base):
-    check_args(masks, tables, base, grad, kernel=True, op="mask_fusion_backward")
+    check_args(masks, tables, base, grad, dtypes=KERNEL_DTYPES, op="mask_fusion_backward")
     new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
     return [new(m) for m in masks], [new(t) for t in tables], None if base is None else new(base)
 
@@ -133,21 +134,29 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*masks, *tables, *([base] if ctx.has_base else []))
 
 
-def _backward(ctx, grad):
-    saved = ctx.saved_tensors
-    j = ctx.factors
-    masks, tables = list(saved[:j]), list(saved[j:2 * j])
-    base = saved[2 * j] if ctx.has_base else None
-    grad_masks, grad_tables, grad_base = torch.ops.exposure_slot.mask_fusion_backward(
-        grad, masks, tables, base)
-    return grad_masks, grad_tables, grad_base
+def _backward_of(namespace: str):
+    backward_op = getattr(torch.ops, namespace).mask_fusion_backward
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        j = ctx.factors
+        masks, tables = list(saved[:j]), list(saved[j:2 * j])
+        base = saved[2 * j] if ctx.has_base else None
+        grad_masks, grad_tables, grad_base = backward_op(grad, masks, tables, base)
+        return grad_masks, grad_tables, grad_base
+
+    return backward
 
 
-def register() -> None:
-    """Attach the fake kernels and the autograd formula to the compiled ops. Called
-    once by ``exposure_slot.ops`` after ``exposure_slot._C`` has defined them."""
-    torch.library.register_fake("exposure_slot::mask_fusion", _fake)
-    torch.library.register_fake("exposure_slot::mask_fusion_", _fake_inplace)
-    torch.library.register_fake("exposure_slot::mask_fusion_backward", _fake_backward)
-    torch.library.register_autograd("exposure_slot::mask_fusion", _backward,
+def register(namespace: str = "exposure_slot", *, fake: bool = True) -> None:
+    """Attach the fake kernels (unless ``fake`` is False: Triton ops traced by
+    torch.compile need none) and the autograd formula to the ops ``mask_fusion``,
+    ``mask_fusion_`` and ``mask_fusion_backward`` of ``namespace``, which must already
+    be defined: by ``exposure_slot._C`` ("exposure_slot") or by the Triton kernels
+    ("exposure_slot_triton")."""
+    if fake:
+        torch.library.register_fake(f"{namespace}::mask_fusion", _fake)
+        torch.library.register_fake(f"{namespace}::mask_fusion_", _fake_inplace)
+        torch.library.register_fake(f"{namespace}::mask_fusion_backward", _fake_backward)
+    torch.library.register_autograd(f"{namespace}::mask_fusion", _backward_of(namespace),
                                     setup_context=_setup_context)

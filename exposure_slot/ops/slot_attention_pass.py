@@ -84,7 +84,7 @@ def slot_attention_pass_reference(k_in, v_in, norm_k_weight, norm_k_bias, norm_v
 def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
                stats=None, *, grads=None,
-               kernel: bool = False, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
+               dtypes: tuple[torch.dtype, ...] | None = None, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
     """Raise TypeError or ValueError naming the problem; ``grads`` are the backward
     op's three output gradients. Returns (B, N, C, K)."""
     named = {"k_in": k_in, "v_in": v_in, "queries": queries}
@@ -96,7 +96,7 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     named.update((f"factor_tables[{j}]", t) for j, t in enumerate(factor_tables))
     if grads is not None:
         named.update(zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads))
-    check_tensors(named, op=op, dtypes=KERNEL_DTYPES if kernel else None)
+    check_tensors(named, op=op, dtypes=dtypes)
 
     if k_in.dim() != 3:
         raise ValueError(f"{op}: k_in must be [B, N, C], got shape {list(k_in.shape)}")
@@ -156,7 +156,7 @@ def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, st
           attn_eps):
     batch, tokens, channels, slots = check_args(
         k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, kernel=True)
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, dtypes=KERNEL_DTYPES)
     return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
             k_in.new_empty((batch, slots, channels)),
             k_in.new_empty((batch, tokens, norm_k_weight.shape[0], 4)))
@@ -167,7 +167,7 @@ def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_wei
                    factor_masks, factor_tables, factor_stages, queries, norm_eps, attn_eps):
     check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
                base_stages, factor_masks, factor_tables, factor_stages, queries,
-               grads=(grad_attn, grad_attn_sum, grad_attn_v), kernel=True,
+               grads=(grad_attn, grad_attn_sum, grad_attn_v), dtypes=KERNEL_DTYPES,
                op="slot_attention_pass_backward")
     new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
     return (new(k_in), new(v_in), new(norm_k_weight), new(norm_k_bias), new(norm_v_weight),
@@ -186,19 +186,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, *bases, *masks, *tables)
 
 
-def _backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
-    k_in, v_in, nkw, nkb, nvw, nvb, queries, *lists = ctx.saved_tensors
-    num_bases, num_factors = ctx.lengths
-    bases = lists[:num_bases]
-    masks = lists[num_bases:num_bases + num_factors]
-    tables = lists[num_bases + num_factors:]
-    base_stages, factor_stages = ctx.stages
-    grads = torch.ops.exposure_slot.slot_attention_pass_backward(
-        grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw, nvb, bases,
-        base_stages, masks, tables, factor_stages, queries, *ctx.eps)
-    (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
-    return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
-            g_tables, _no_grad(factor_stages), g_queries, None, None, None)
+def _backward_of(namespace: str):
+    backward_op = getattr(torch.ops, namespace).slot_attention_pass_backward
+
+    def backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
+        k_in, v_in, nkw, nkb, nvw, nvb, queries, *lists = ctx.saved_tensors
+        num_bases, num_factors = ctx.lengths
+        bases = lists[:num_bases]
+        masks = lists[num_bases:num_bases + num_factors]
+        tables = lists[num_bases + num_factors:]
+        base_stages, factor_stages = ctx.stages
+        grads = backward_op(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw,
+                            nvb, bases, base_stages, masks, tables, factor_stages, queries,
+                            *ctx.eps)
+        (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
+        return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
+                g_tables, _no_grad(factor_stages), g_queries, None, None, None)
+
+    return backward
 
 
 def _no_grad(int_list):
@@ -207,10 +212,13 @@ def _no_grad(int_list):
     return None if int_list else []
 
 
-def register() -> None:
-    """Attach the fake kernels and the autograd formula to the compiled ops. Called
-    once by ``exposure_slot.ops`` after ``exposure_slot._C`` has defined them."""
-    torch.library.register_fake("exposure_slot::slot_attention_pass", _fake)
-    torch.library.register_fake("exposure_slot::slot_attention_pass_backward", _fake_backward)
-    torch.library.register_autograd("exposure_slot::slot_attention_pass", _backward,
-                                    setup_context=_setup_context)
+def register(namespace: str = "exposure_slot", *, fake: bool = True) -> None:
+    """Attach the fake kernels (unless ``fake`` is False) and the autograd formula to
+    the ops ``slot_attention_pass`` and ``slot_attention_pass_backward`` of
+    ``namespace``, which must already be defined (see ``mask_fusion.register``)."""
+    if fake:
+        torch.library.register_fake(f"{namespace}::slot_attention_pass", _fake)
+        torch.library.register_fake(f"{namespace}::slot_attention_pass_backward",
+                                    _fake_backward)
+    torch.library.register_autograd(f"{namespace}::slot_attention_pass",
+                                    _backward_of(namespace), setup_context=_setup_context)
