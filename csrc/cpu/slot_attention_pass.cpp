@@ -45,8 +45,10 @@
 #include <torch/library.h>
 
 #include <array>
+#include <bit>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -164,13 +166,13 @@ inline void norm_affine(const T* __restrict__ x, T mean, T rstd, const T* __rest
   }
 }
 
-// Runs the token's chain into s.k, s.v. The forward (Keep = false) takes the
+// Runs the token's chain into k_out, v_out ([C] each). The forward (Keep = false) takes the
 // statistics of the first known_stages stages from the pass and writes every
 // stage's to `stats_out` ([D] entries); the backward (Keep = true) recomputes all
 // of them, so its result never depends on the cache, and keeps what it needs.
 template <bool Keep, typename T>
 inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s,
-                      NormStats<T>* stats_out) {
+                      NormStats<T>* stats_out, T* k_out, T* v_out) {
   const int64_t C = p.channels, N = p.tokens, D = p.depth;
   const int64_t row = b * N + n;
   const T* xk = p.k_in + row * C;
@@ -201,37 +203,123 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s,
     }
     s.mod_rows[d] = mod;
     norm_affine<Keep>(xk, st.mean_k, st.rstd_k, p.norm_k_weight + d * C, p.norm_k_bias + d * C,
-                      mod, C, s.h_k.data() + d * C, s.k.data());
+                      mod, C, s.h_k.data() + d * C, k_out);
     norm_affine<Keep>(xv, st.mean_v, st.rstd_v, p.norm_v_weight + d * C, p.norm_v_bias + d * C,
-                      mod, C, s.h_v.data() + d * C, s.v.data());
-    xk = s.k.data();
-    xv = s.v.data();
+                      mod, C, s.h_v.data() + d * C, v_out);
+    xk = k_out;
+    xv = v_out;
   }
 }
 
-// s.probs = softmax over slots of q_i . k.
+// exp(x) for the softmax's arguments x <= 0, in a form a loop over many of them
+// vectorises (libm's expf is a call per value): x = n ln2 + r with |r| <= ln2/2,
+// exp(r) by its Taylor series up to r^7/7! for float and r^13/13! for double
+// (truncation below half an ulp), and 2^n written into the exponent bits. x is
+// clamped at the smallest normal power of two (exp(-87.3) for float): a slot that
+// far below the maximum weighs under 1e-37 and is lost to rounding in the sum.
+template <typename T>
+inline T exp_nonpositive(T x) {
+  using Bits = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+  constexpr int kMantissaBits = std::numeric_limits<T>::digits - 1;
+  constexpr Bits kBias = std::numeric_limits<T>::max_exponent - 1;
+  constexpr T kLog2e = T(1.4426950408889634074);
+  constexpr T kLn2Hi = T(0.693145751953125);  // ln2 split so that n * kLn2Hi is exact
+  constexpr T kLn2Lo = T(1.42860682030941723212e-6);
+  constexpr T kRound = T(1.5) * T(Bits(1) << kMantissaBits);  // adding it rounds to an integer
+  constexpr int kTerms = std::is_same_v<T, float> ? 7 : 13;
+  x = std::max(x, T(std::numeric_limits<T>::min_exponent - 1) / kLog2e);
+  const T n = (x * kLog2e + kRound) - kRound;
+  const T r = (x - n * kLn2Hi) - n * kLn2Lo;
+  T poly = T(1);
+  for (int k = kTerms; k >= 1; --k) poly = T(1) + poly * r / T(k);
+  return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
+}
+
+// logits[r, :K] <- softmax over the K slots of each of `rows` rows (row stride
+// `stride` >= K; entries past K become 0).
+template <typename T>
+inline void softmax_rows(T* __restrict__ logits, int64_t rows, int64_t K, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = logits + r * stride;
+    T top = x[0];
+    for (int64_t i = 1; i < K; ++i) top = std::max(top, x[i]);
+    for (int64_t i = 0; i < stride; ++i) x[i] = i < K ? x[i] - top : T(0);
+  }
+  // One loop over all rows, so that it vectorises even for a handful of slots.
+#pragma omp simd
+  for (int64_t e = 0; e < rows * stride; ++e) logits[e] = exp_nonpositive(logits[e]);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* x = logits + r * stride;
+    T total = 0;
+    for (int64_t i = 0; i < K; ++i) total += x[i];
+    const T inv = T(1) / total;
+    for (int64_t i = 0; i < K; ++i) x[i] *= inv;
+    for (int64_t i = K; i < stride; ++i) x[i] = T(0);
+  }
+}
+
+// s.probs = softmax over slots of q_i . k for the token in s.k.
 template <typename T>
 inline void slot_softmax(const Pass<T>& p, int64_t b, Scratch<T>& s) {
   const int64_t C = p.channels, K = p.slots;
   const T* q = p.queries + b * K * C;
-  const T* __restrict__ k = s.k.data();
-  T* __restrict__ probs = s.probs.data();
-  T top = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < K; ++i) {
-    probs[i] = dot(q + i * C, k, C);
-    top = std::max(top, probs[i]);
-  }
-  T total = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    probs[i] = std::exp(probs[i] - top);
-    total += probs[i];
-  }
-  const T inv = T(1) / total;
-#pragma omp simd
-  for (int64_t i = 0; i < K; ++i) probs[i] *= inv;
+  for (int64_t i = 0; i < K; ++i) s.probs[i] = dot(q + i * C, s.k.data(), C);
+  softmax_rows(s.probs.data(), 1, K, K);
 }
 
 // ---------------------------------------------------------------- forward
+
+// The forward takes the tokens of a chunk in tiles of kTile. The chain runs token
+// by token (into s.k and a row of the tile's v), then the tile's softmax runs as
+// one vectorised exp over its kTile x K logits, and its A * v sums as a small
+// matrix product: kSlotGroup slots against one vector of channels, accumulated in
+// registers over the tile's tokens, so that a row of the chunk's partial is loaded
+// and stored once per tile rather than once per token.
+constexpr int64_t kTile = 16;
+constexpr int64_t kSlotGroup = 4;
+
+template <typename T>
+struct Tile {
+  int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup, two vectors
+  std::vector<T> attn;                  // [kTile, slot_stride]: logits, then A (0 past K)
+  std::vector<T> v;                     // [kTile, channel_stride] (0 past C)
+
+  explicit Tile(const Pass<T>& p)
+      : slot_stride((p.slots + kSlotGroup - 1) / kSlotGroup * kSlotGroup),
+        channel_stride((p.channels + 2 * kVectorLanes<T> - 1) / (2 * kVectorLanes<T>) *
+                       (2 * kVectorLanes<T>)),
+        attn(kTile * slot_stride, T(0)),
+        v(kTile * channel_stride, T(0)) {}
+};
+
+// v_partial[i, :] += sum over the tile's `count` tokens t of a[t, i] * v[t, :].
+// A block of kSlotGroup slots x two vectors of channels keeps eight independent
+// accumulators in registers, enough to hide the latency of their FMAs.
+template <typename T>
+inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
+                               T* __restrict__ v_partial) {
+  constexpr int64_t W = 2 * kVectorLanes<T>;
+  const T* __restrict__ a = tile.attn.data();
+  const T* __restrict__ v = tile.v.data();
+  for (int64_t i0 = 0; i0 < K; i0 += kSlotGroup) {
+    for (int64_t c0 = 0; c0 < C; c0 += W) {
+      T acc[kSlotGroup][W] = {};
+      for (int64_t t = 0; t < count; ++t) {
+        const T* a_t = a + t * tile.slot_stride + i0;
+        const T* v_t = v + t * tile.channel_stride + c0;
+        for (int64_t g = 0; g < kSlotGroup; ++g) {
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) acc[g][w] += a_t[g] * v_t[w];
+        }
+      }
+      const int64_t width = std::min(W, C - c0);
+      for (int64_t g = 0; g < std::min(kSlotGroup, K - i0); ++g) {
+        T* __restrict__ dst = v_partial + (i0 + g) * C + c0;
+        for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
+      }
+    }
+  }
+}
 
 template <typename T>
 void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats) {
@@ -243,24 +331,34 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
 #pragma omp parallel if (parallel)
   {
     Scratch<T> s(p);
+    Tile<T> tile(p);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
+      const T* q = p.queries + b * K * C;
       T* sum_partial = partials.chunk(chunk);
       T* v_partial = sum_partial + K;
-      for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
-        run_chain<false>(p, b, n, s,
-                         reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth);
-        slot_softmax(p, b, s);
-        const T* __restrict__ v = s.v.data();
-        for (int64_t i = 0; i < K; ++i) {
-          const T a = s.probs[i] + p.attn_eps;
-          attn[(b * K + i) * N + n] = a;
-          sum_partial[i] += a;
-          T* __restrict__ acc = v_partial + i * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) acc[c] += a * v[c];
+      for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
+        const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t n = n0 + t;
+          run_chain<false>(p, b, n, s,
+                           reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
+                           s.k.data(), tile.v.data() + t * tile.channel_stride);
+          T* logits = tile.attn.data() + t * tile.slot_stride;
+          for (int64_t i = 0; i < K; ++i) logits[i] = dot(q + i * C, s.k.data(), C);
         }
+        softmax_rows(tile.attn.data(), count, K, tile.slot_stride);
+        for (int64_t i = 0; i < K; ++i) {
+          T* attn_row = attn + (b * K + i) * N + n0;
+          for (int64_t t = 0; t < count; ++t) {
+            const T a = tile.attn[t * tile.slot_stride + i] + p.attn_eps;
+            tile.attn[t * tile.slot_stride + i] = a;
+            attn_row[t] = a;
+            sum_partial[i] += a;
+          }
+        }
+        tile_weighted_sums(tile, count, K, C, v_partial);
       }
     }
   }
@@ -336,7 +434,8 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
       const T* q = p.queries + b * K * C;
       const T* gv_b = g_v + b * K * C;
       for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
-        run_chain<true>(p, b, n, s, static_cast<NormStats<T>*>(nullptr));
+        run_chain<true>(p, b, n, s, static_cast<NormStats<T>*>(nullptr), s.k.data(),
+                        s.v.data());
         slot_softmax(p, b, s);
         T* __restrict__ gk = grad_k_in + (b * N + n) * C;
         T* __restrict__ gv = grad_v_in + (b * N + n) * C;
