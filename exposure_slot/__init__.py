@@ -7,6 +7,7 @@ Public API:
     export_official         our weights back in the authors' layout
     load_pretrained         weights shipped with the package ("demo")
     optimize_for_inference  a frozen, faster copy of a model for CPU inference
+    compile_for             a fixed-shape engine (CUDA graphs on a GPU) for video frames
     infer_large             exact inference on images of any size in bounded memory
     available_backends      the kernel backends that work on this install
 """
@@ -15,6 +16,7 @@ import torch  # noqa: F401  (torch first: the extension links against its librar
 
 from .backends import available_backends
 from .checkpoint import CheckpointError, export_official, load_official
+from .engine import CompiledExposureSlot, compile_for
 from .inference import InferenceExposureSlot, optimize_for_inference
 from .network import ExposureOutput, ExposureSlot
 from .pretrained import load_pretrained
@@ -31,6 +33,8 @@ __all__ = [
     "load_pretrained",
     "optimize_for_inference",
     "InferenceExposureSlot",
+    "compile_for",
+    "CompiledExposureSlot",
     "infer_large",
     "CheckpointError",
     "available_backends",

@@ -31,6 +31,11 @@ Writing
     libpng-based writers often choose for photographs.  (Of that, 0.3-0.8 s is
     Pillow decoding the pixels in ``getexif()``, looking for an eXIf chunk
     after the image data.)
+
+Video
+    :class:`VideoReader` and :class:`VideoWriter` (PyAV, the optional extra
+    ``video``) decode a file's first video stream to 8-bit RGB frames and encode
+    such frames into a new video, atomically like :func:`atomic_write`.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ __all__ = [
     "colorize_masks",
     "output_format",
     "SLOT_COLORS",
+    "VideoError",
+    "VideoReader",
+    "VideoWriter",
+    "is_video",
 ]
 
 # Output format per input format: JPEG stays JPEG, everything else becomes PNG
@@ -293,15 +302,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     and the exception propagates; ``path`` is then untouched.
     """
     path = Path(path)
-    directory = path.parent
-    while True:
-        tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            # 0o666 honours the umask, like a normally created file.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - astronomically unlikely
-            continue
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -315,6 +316,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             if exc.errno != errno.ENOENT:
                 pass
         raise
+
+
+def _create_temporary(path: Path, suffix: str = "") -> tuple[int, Path]:
+    """A new, hidden file beside ``path`` (``.<name>.<random>.tmp<suffix>``), opened
+    for writing: its descriptor and its path."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
+        try:
+            # 0o666 honours the umask, like a normally created file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            return fd, tmp
+        except FileExistsError:  # pragma: no cover - astronomically unlikely
+            continue
 
 
 def _write_png16(f: BinaryIO, samples: np.ndarray, icc_profile: bytes | None) -> None:
@@ -459,3 +473,147 @@ def colorize_masks(
     up = torch.nn.functional.interpolate(painted[None], size=target, mode="bilinear",
                                          align_corners=False)[0]
     return up[:, :height, :width].clamp(0.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------
+# Video (PyAV, the optional extra "video")
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+# Codecs tried in order per output suffix; the first one this FFmpeg build has wins.
+_VIDEO_CODECS = {".webm": ("libvpx-vp9",)}
+_DEFAULT_VIDEO_CODECS = ("libx264", "mpeg4")
+# Visually lossless settings: the correction should not add visible coding loss.
+_CODEC_OPTIONS = {"libx264": {"crf": "16", "preset": "fast"},
+                  "libvpx-vp9": {"crf": "20", "b": "0"},
+                  "mpeg4": {"qscale": "2"}}
+
+
+class VideoError(ValueError):
+    """A video could not be read or written (the message names the problem)."""
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise VideoError("reading and writing video needs PyAV, the optional extra 'video': "
+                         "pip install 'exposure-slot[video]' (or pip install av)") from None
+    return av
+
+
+class VideoReader:
+    """The frames of a file's first video stream, decoded (by FFmpeg's threads) to
+    8-bit RGB arrays ``[H, W, 3]``; a context manager.
+
+    ``width``, ``height``: of the first frame's stream; ``rate``: the average frame
+    rate (a Fraction); ``frames``: the frame count the container states (0 if
+    unknown). Audio and subtitle streams are not read.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        av = _av()
+        self.path = Path(path)
+        if not self.path.exists():
+            raise VideoError("no such file")
+        try:
+            self._container = av.open(str(self.path))
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoError(f"not a video FFmpeg can read ({exc})") from None
+        if not self._container.streams.video:
+            self._container.close()
+            raise VideoError("the file has no video stream")
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+        context = self._stream.codec_context
+        self.width, self.height = context.width, context.height
+        self.rate = self._stream.average_rate or self._stream.guessed_rate or 30
+        self.frames = self._stream.frames or 0
+
+    def __iter__(self):
+        av = _av()
+        try:
+            for frame in self._container.decode(self._stream):
+                yield frame.to_ndarray(format="rgb24")
+        except av.FFmpegError as exc:
+            raise VideoError(f"corrupt video ({exc})") from None
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class VideoWriter:
+    """Writes 8-bit RGB frames ``[H, W, 3]`` to a video file atomically: into a
+    hidden temporary file beside ``path``, renamed to ``path`` when the context
+    exits normally, removed when it exits with an exception (an interrupt
+    included), so ``path`` is either the complete video or untouched.
+
+    The codec follows the suffix: VP9 for .webm, else H.264 (libx264) or, in
+    FFmpeg builds without it, MPEG-4 part 2; all at visually lossless settings,
+    yuv420p (yuv444p for odd sides, which 4:2:0 cannot hold; H.264 only). The
+    frame rate is constant, ``rate``.
+    """
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, rate):
+        av = _av()
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        wanted = _VIDEO_CODECS.get(suffix, _DEFAULT_VIDEO_CODECS)
+        codec = next((c for c in wanted if c in av.codecs_available), None)
+        if codec is None:
+            raise VideoError(f"this FFmpeg build has no encoder for {suffix} "
+                             f"(tried {', '.join(wanted)})")
+        odd = width % 2 or height % 2
+        if odd and codec != "libx264":
+            raise VideoError(f"{codec} needs even frame sides, got {width}x{height}")
+        fd, self._tmp = _create_temporary(self.path, suffix)
+        os.close(fd)
+        try:
+            self._container = av.open(str(self._tmp), mode="w")
+            self._stream = self._container.add_stream(codec, rate=rate)
+            self._stream.width, self._stream.height = width, height
+            self._stream.pix_fmt = "yuv444p" if odd else "yuv420p"
+            self._stream.options = dict(_CODEC_OPTIONS.get(codec, {}))
+        except BaseException:
+            os.unlink(self._tmp)
+            raise
+        self.codec = codec
+
+    def write(self, frame: np.ndarray) -> None:
+        av = _av()
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        try:
+            for packet in self._stream.encode(picture):
+                self._container.mux(packet)
+        except av.FFmpegError as exc:
+            raise VideoError(f"cannot encode with {self.codec} ({exc})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        av = _av()
+        try:
+            try:
+                if exc_type is None:
+                    for packet in self._stream.encode(None):  # flush the encoder
+                        self._container.mux(packet)
+            finally:
+                self._container.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+        except av.FFmpegError as error:
+            raise VideoError(f"cannot finish the video ({error})") from None
+        finally:
+            if self._tmp.exists():
+                os.unlink(self._tmp)

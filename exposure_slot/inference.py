@@ -3,7 +3,9 @@ folded, fused and channels-last.
 
     fast = optimize_for_inference(model)                   # float32
     fast = optimize_for_inference(model, torch.bfloat16)   # bfloat16 convolutions
+    fast = optimize_for_inference(model, torch.float16, device="cuda")  # on a GPU
     image = fast(x)                                        # as model(x); return_aux too
+    image, masks = fast.correct(x)                         # without the slot decoder
 
 Every change below computes the same function as ``model.eval()``; only the
 rounding differs:
@@ -19,10 +21,16 @@ rounding differs:
   view ``[B, N, C]`` of its input is free.
 
 On tensors oneDNN does not take (float64, GPU tensors, a torch built without it) the
-same frozen weights run through ``F.conv2d``: the folding is then exact in float64.
+same frozen weights run through ``F.conv2d`` (cuDNN on a GPU, where the weights are
+kept channels-last too), the sum and the GELU in place on its output: the folding
+is then exact in float64. Either way the forward frees each full-resolution map as
+soon as it can (``correct``), so it holds few maps at once; ``exposure_slot.engine``
+builds on it for fixed-shape GPU inference with CUDA graphs.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +41,12 @@ from .network import ExposureSlot, FeedForward
 # Only these go through oneDNN's fused convolutions (it rejects float64).
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# float16 only where it is fast and its range is handled by the hardware (cuDNN);
+# CPU convolutions in float16 are slow reference code.
+CUDA_COMPUTE_DTYPES = COMPUTE_DTYPES + (torch.float16,)
+# Compute dtypes too narrow for the slot attention: with them the layers, the
+# bottleneck and the images stay float32.
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _onednn_available() -> bool:
@@ -55,9 +69,12 @@ class FrozenConv(nn.Module):
                  stride: int = 1, padding: int = 1, groups: int = 1, reflect: bool = False,
                  transposed: bool = False, gelu: bool = False, persistent: bool = False):
         super().__init__()
+        # cuDNN runs a channels-last input fastest with a channels-last weight (else it
+        # converts the weight on every call); oneDNN wants its weights contiguous.
+        layout = torch.channels_last if weight.device.type == "cuda" else torch.contiguous_format
         # Copies: the frozen model must not share storage with the trainable one.
-        self.register_buffer("weight", weight.detach().to(dtype, copy=True).contiguous(),
-                             persistent=persistent)
+        self.register_buffer("weight", weight.detach().to(dtype, copy=True)
+                             .contiguous(memory_format=layout), persistent=persistent)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype, copy=True),
                              persistent=persistent)
         self.stride, self.padding, self.groups = stride, padding, groups
@@ -80,9 +97,11 @@ class FrozenConv(nn.Module):
         conv = F.conv_transpose2d if self.transposed else F.conv2d
         y = conv(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
                  groups=self.groups)
+        del x  # the padded copy, if any: one full map less at the peak
+        # In place: y is this call's own, and a GPU forward is bound by memory traffic.
         if add_into is not None:
-            y = y + add_into
-        return F.gelu(y) if self.gelu else y
+            y.add_(add_into)
+        return torch.ops.aten.gelu_(y) if self.gelu else y
 
     def _onednn(self, x, add_into):
         mkldnn = torch.ops.mkldnn
@@ -92,7 +111,7 @@ class FrozenConv(nn.Module):
             y = mkldnn._convolution_pointwise_.binary(
                 add_into, x, self.weight, self.bias, padding, stride, dilation, self.groups,
                 "add", 1.0, None, [], None)
-            return torch._C._nn.gelu_(y) if self.gelu else y
+            return torch.ops.aten.gelu_(y) if self.gelu else y
         attr, algorithm = ("gelu", "none") if self.gelu else ("none", "")
         if self.transposed:
             return mkldnn._convolution_transpose_pointwise(
@@ -195,9 +214,10 @@ class InferenceExposureSlot(ExposureSlot):
         super().__init__(model.level, model.backend, model.size_policy,
                          dim=block.to_q.in_features, iters=block.slot_attention.iters)
         self.load_state_dict(model.state_dict())
-        # The slot attention needs float32 or better: with bfloat16 convolutions the
-        # layers (the bottleneck among them) stay float32, and so do images in and out.
-        outer = torch.float32 if dtype == torch.bfloat16 else dtype
+        # The slot attention needs float32 or better: with bfloat16 or float16
+        # convolutions the layers (the bottleneck among them) stay float32, and so do
+        # images in and out.
+        outer = torch.float32 if dtype in _HALF_DTYPES else dtype
         self.to(device=model.conv1_1.weight.device, dtype=outer).requires_grad_(False)
         super().train(False)
         self.fused = FusedConvolutions(model, dtype)
@@ -209,6 +229,13 @@ class InferenceExposureSlot(ExposureSlot):
                                "it was made from and optimize it again")
         return super().train(False)
 
+    def compile_for(self, shape, *, graphs: bool | None = None):
+        """This model bound to inputs of ``shape`` [B, 3, H, W], with a CUDA graph on
+        a GPU; see ``exposure_slot.engine.compile_for``."""
+        from .engine import CompiledExposureSlot
+
+        return CompiledExposureSlot(self, shape, graphs=graphs)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the convolutions run in."""
@@ -217,16 +244,42 @@ class InferenceExposureSlot(ExposureSlot):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, compute_dtype={self.compute_dtype}"
 
-    def _forward_aligned(self, x):
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        if return_aux:
+            return super().forward(x, return_aux=True)
+        return self.correct(x)[0]
+
+    def correct(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The corrected image and the masks of ``model(x, return_aux=True)``, without
+        the slot decoder's image, whose input (the slot map) it never keeps."""
+        self._check_input(x)
+        height, width = x.shape[-2:]
+        image, _, masks = self._forward_aligned(self._to_multiple(x), keep_slot_map=False)
+        return self._from_multiple(image, height, width), self._crop_masks(masks, height, width)
+
+    def _forward_aligned(self, x, keep_slot_map: bool = True):
+        # Each skip connection is held as the skip half of its concatenated
+        # convolution (same size), made as soon as its map is: the full-resolution
+        # map e1 is then gone before the decoder's full-resolution stage.
         f = self.fused
         h = x.to(self.compute_dtype, memory_format=torch.channels_last)
         e1 = f.conv1_2(f.conv1_1(h))
-        e2 = f.conv2_2(f.down1(e1))
-        e3 = f.conv3_2(f.down2(e2))
-        z, slot_map, masks = self.bottleneck(e3.to(x.dtype))
+        del h
+        e2 = f.down1(e1)
+        skip1 = f.conv5_1.of_second(e1)
+        del e1
+        e2 = f.conv2_2(e2)
+        e3 = f.down2(e2)
+        skip2 = f.conv4_1.of_second(e2)
+        del e2
+        e3 = f.conv3_2(e3).to(x.dtype)
+        z, slot_map, masks = self.bottleneck(e3, keep_slot_map)
+        del e3
         z = canonical_channels_last(z.to(self.compute_dtype))
-        d2 = f.conv4_2(f.conv4_1(f.up1(z), e2))
-        d1 = f.conv5_2(f.conv5_1(f.up2(d2), e1))
+        d2 = f.conv4_2(f.conv4_1.of_first(f.up1(z), add_into=skip2))
+        del z, skip2
+        d1 = f.conv5_2(f.conv5_1.of_first(f.up2(d2), add_into=skip1))
+        del d2, skip1
         return x + self._as_image(f.conv6(d1), x.dtype), slot_map, masks
 
     def _reconstruct(self, slot_map):
@@ -238,25 +291,33 @@ class InferenceExposureSlot(ExposureSlot):
         return y.to(dtype, memory_format=torch.contiguous_format)
 
 
-def optimize_for_inference(model: ExposureSlot, dtype: torch.dtype = torch.float32) -> InferenceExposureSlot:
+def optimize_for_inference(model: ExposureSlot, dtype: torch.dtype = torch.float32,
+                           device: torch.device | str | None = None) -> InferenceExposureSlot:
     """A frozen, faster copy of ``model`` for inference (its eval-mode function).
 
     ``dtype`` is what the convolutions compute in: ``torch.float32`` (default; within
     1e-4 of the float64 network on images in [0, 1]), ``torch.bfloat16`` (several times
-    faster on CPUs with AMX or AVX512-BF16, about 1e-2 worse; the bottleneck, the
-    inputs and the outputs stay float32) or ``torch.float64``. The copy lives on the
-    model's device; ``model`` itself is not changed and later changes to it are not
-    seen by the copy.
+    faster on CPUs with AMX or AVX512-BF16 and on GPUs, about 1e-2 worse; the
+    bottleneck, the inputs and the outputs stay float32), ``torch.float64``, or on a
+    CUDA device ``torch.float16`` (as bfloat16, with 3 more mantissa bits). The copy
+    lives on ``device`` (default: the model's), its weights folded there; ``model``
+    itself is not changed and later changes to it are not seen by the copy.
     """
     if not isinstance(model, ExposureSlot):
         raise TypeError(f"expected an ExposureSlot, got {type(model).__name__}")
-    if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, COMPUTE_DTYPES))}, got {dtype}")
+    device = model.conv1_1.weight.device if device is None else torch.device(device)
+    allowed = CUDA_COMPUTE_DTYPES if device.type == "cuda" else COMPUTE_DTYPES
+    if dtype not in allowed:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, allowed))} on {device.type}"
+                         f"{' (torch.float16 on CUDA too)' if device.type != 'cuda' else ''}, "
+                         f"got {dtype}")
     for name in ("bn1", "bn2", "bn3"):
         if getattr(model, name).running_mean is None:
             raise ValueError(f"{name} keeps no running statistics (track_running_stats=False), "
                              "so there is no inference-time BatchNorm to fold")
     with torch.no_grad():
+        if device != model.conv1_1.weight.device:
+            model = copy.deepcopy(model).to(device)  # fold where the copy will run
         return InferenceExposureSlot(model, dtype)
 
 

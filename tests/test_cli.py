@@ -251,3 +251,205 @@ def test_python_dash_m_entry_point(tmp_path):
     assert run.returncode == 1, run.stderr
     assert "nope.png" in run.stderr and "1 enhanced, 1 failed" in run.stderr
     assert (tmp_path / "out" / "scene.png").exists()
+
+
+# --------------------------------------------------------------------------
+# Folders and videos: same-size inputs go through the fixed-shape engine in batches
+
+
+def _model_output_8bit(x: torch.Tensor) -> np.ndarray:
+    """What the CLI's --random-weights model (seed 0, level 2) makes of ``x``, as
+    8-bit samples [B, H, W, 3]."""
+    import exposure_slot as es
+
+    torch.manual_seed(0)
+    model = es.ExposureSlot(level=2).eval()
+    with torch.inference_mode():
+        y = model(x)
+    return (y.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy()
+
+
+def test_enhance_folder_batches_same_size_photos(tmp_path, inputs, capsys):
+    """Four 32x40 photos go through the engine in batches of 3 (the last one
+    partial); the odd one out and a broken file take the one-by-one path. The
+    results are the network's, whichever path made them."""
+    for i in range(4):
+        _save8(inputs / f"same{i}.png", 32, 40, seed=i)
+    _save8(inputs / "other.png", 29, 37, seed=9)
+    (inputs / "broken.png").write_bytes(b"not a png")
+    (inputs / "notes.txt").write_text("not an input")
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(["enhance", inputs, "-o", out, "--random-weights",
+                                 "--batch-size", "3", "--save-masks"], capsys)
+    assert code == 1 and "broken.png" in stderr and "5 enhanced, 1 failed" in stderr
+    assert stdout.count("engine, batch of 3") == 3 and stdout.count("engine, batch of 1") == 1
+    assert "network" in stdout  # other.png, one by one
+    names = sorted(os.listdir(out))
+    assert names == sorted([f"same{i}{s}.png" for i in range(4) for s in ("", "_masks")]
+                           + ["other.png", "other_masks.png"])
+    for name in ("same0.png", "same3.png", "other.png"):
+        with Image.open(inputs / name) as im:
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        with Image.open(out / name) as im:
+            got = np.asarray(im).astype(np.float32)
+        # float32 everywhere: the same 8-bit values, up to a rounding tie.
+        assert np.abs(got - _model_output_8bit(x)[0]).max() <= 1
+
+
+def test_enhance_folder_in_bfloat16(tmp_path, inputs, capsys):
+    """--precision bfloat16 on CPU: the engine's convolutions in bfloat16, the
+    8-bit outputs within the 2e-2 bar (5 levels) of the float32 network's."""
+    for i in range(2):
+        _save8(inputs / f"p{i}.png", 32, 40, seed=i)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(["enhance", inputs, "-o", out, "--random-weights",
+                                 "--precision", "bfloat16", "--batch-size", "2"], capsys)
+    assert code == 0, stderr
+    assert "engine, batch of 2" in stdout
+    for i in range(2):
+        with Image.open(inputs / f"p{i}.png") as im:
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        with Image.open(out / f"p{i}.png") as im:
+            got = np.asarray(im).astype(np.float32)
+        assert np.abs(got - _model_output_8bit(x)[0]).max() <= 5
+
+
+def test_batch_options_are_checked(tmp_path, inputs, capsys):
+    src = _save8(inputs / "a.png", 32, 40)
+    for option in ("--batch-size", "--workers"):
+        code, _, stderr = _run(["enhance", src, "-o", tmp_path / "o", "--random-weights",
+                                option, "0"], capsys)
+        assert code == 2 and option in stderr and not (tmp_path / "o").exists()
+    if not torch.cuda.is_available():
+        code, _, stderr = _run(["enhance", src, "-o", tmp_path / "o", "--random-weights",
+                                "--precision", "float16"], capsys)
+        assert code == 2 and "float16" in stderr and not (tmp_path / "o").exists()
+
+
+def _write_video(path: Path, frames: int, h: int = 48, w: int = 64) -> np.ndarray:
+    """A short video of a moving scene; returns the frames as decoded (8-bit)."""
+    from exposure_slot.images import VideoReader, VideoWriter
+
+    base = (make_example_image(w, h) * 255).round().astype(np.uint8)
+    with VideoWriter(path, w, h, 24) as writer:
+        for i in range(frames):
+            writer.write(np.roll(base, 3 * i, axis=1))
+    with VideoReader(path) as reader:
+        return np.stack(list(reader))
+
+
+def test_enhance_video(tmp_path, inputs, capsys):
+    pytest.importorskip("av", reason="videos need the 'video' extra (PyAV)")
+    from exposure_slot.images import VideoReader
+
+    decoded = _write_video(inputs / "clip.mp4", 7)
+    out = tmp_path / "out"
+    code, stdout, stderr = _run(["enhance", inputs / "clip.mp4", "-o", out, "--random-weights",
+                                 "--batch-size", "3"], capsys)
+    assert code == 0, stderr
+    assert "7 frames" in stdout and "batch 3" in stdout and "1 enhanced, 0 failed" in stdout
+    assert os.listdir(out) == ["clip.mp4"]
+    with VideoReader(out / "clip.mp4") as reader:
+        assert (reader.width, reader.height, reader.rate) == (64, 48, 24)
+        got = np.stack(list(reader)).astype(np.float32)
+    x = torch.from_numpy(decoded.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    expected = _model_output_8bit(x)
+    assert got.shape == expected.shape == (7, 48, 64, 3)
+    # The network's frames, through one more lossy encoding (chroma at half
+    # resolution: about 2 levels on average on these tiny, colourful frames).
+    coding = np.abs(got - expected).mean()
+    assert coding <= 3.0
+    assert np.abs(got - decoded).mean() > 5 * coding  # the correction shows
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupt"])
+def test_failed_or_interrupted_video_leaves_nothing(tmp_path, inputs, capsys, monkeypatch, failure):
+    pytest.importorskip("av", reason="videos need the 'video' extra (PyAV)")
+    from exposure_slot import enhance
+
+    _write_video(inputs / "clip.mkv", 6)
+    calls = []
+    encode = enhance._encode
+
+    def failing_encode(*args):
+        calls.append(1)
+        if len(calls) == 2:  # after the first batch went into the file
+            raise failure
+        encode(*args)
+
+    monkeypatch.setattr(enhance, "_encode", failing_encode)
+    out = tmp_path / "out"
+    code, _, stderr = _run(["enhance", inputs / "clip.mkv", "-o", out, "--random-weights",
+                            "--batch-size", "2"], capsys)
+    if isinstance(failure, KeyboardInterrupt):
+        assert code == 130 and "interrupted" in stderr
+    else:
+        assert code == 1 and "No space left" in stderr and "0 enhanced, 1 failed" in stderr
+    assert os.listdir(out) == []  # neither the video nor its temporary file
+
+
+def test_interrupted_folder_leaves_only_whole_files(tmp_path, inputs, capsys, monkeypatch):
+    """Ctrl-C while the third batch runs: writes already queued finish or are
+    dropped, each file whole or absent, no temporary files left."""
+    from exposure_slot import enhance
+
+    for i in range(5):
+        _save8(inputs / f"p{i}.png", 32, 40, seed=i)
+    calls = []
+    run_engine = enhance._run_engine
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_engine(*args, **kwargs)
+
+    monkeypatch.setattr(enhance, "_run_engine", interrupted)
+    out = tmp_path / "out"
+    code, _, stderr = _run(["enhance", inputs, "-o", out, "--random-weights", "--batch-size", "1"],
+                           capsys)
+    assert code == 130 and "interrupted" in stderr
+    names = os.listdir(out)
+    assert set(names) <= {"p0.png", "p1.png"}
+    for name in names:
+        with Image.open(out / name) as im:
+            im.load()  # whole files only
+
+
+def test_video_changing_frame_size_fails_cleanly(tmp_path, inputs, capsys, monkeypatch):
+    pytest.importorskip("av", reason="videos need the 'video' extra (PyAV)")
+    from exposure_slot.images import VideoReader
+
+    _write_video(inputs / "clip.mp4", 5)
+    frames = VideoReader.__iter__
+
+    def resized_midway(self):
+        for number, frame in enumerate(frames(self), 1):
+            yield frame if number < 4 else frame[:, :32]
+
+    monkeypatch.setattr(VideoReader, "__iter__", resized_midway)
+    out = tmp_path / "out"
+    code, _, stderr = _run(["enhance", inputs / "clip.mp4", "-o", out, "--random-weights",
+                            "--batch-size", "2"], capsys)
+    assert code == 1 and "frame 4 is 32x48 but the video started at 64x48" in stderr
+    assert os.listdir(out) == []
+
+
+def test_corrupt_video_fails_alone(tmp_path, inputs, capsys):
+    pytest.importorskip("av", reason="videos need the 'video' extra (PyAV)")
+    (inputs / "broken.mov").write_bytes(b"\x00\x01" * 300)
+    _save8(inputs / "a.png", 32, 40)
+    out = tmp_path / "out"
+    code, _, stderr = _run(["enhance", inputs, "-o", out, "--random-weights"], capsys)
+    assert code == 1 and "[2/2] FAILED" in stderr and "broken.mov" in stderr
+    assert "not a video" in stderr and "1 enhanced, 1 failed" in stderr
+    assert os.listdir(out) == ["a.png"]
+
+
+def test_video_without_pyav_is_a_usage_error(tmp_path, inputs, capsys, monkeypatch):
+    (inputs / "clip.mp4").write_bytes(b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    out = tmp_path / "out"
+    code, _, stderr = _run(["enhance", inputs / "clip.mp4", "-o", out, "--random-weights"], capsys)
+    assert code == 2 and "exposure-slot[video]" in stderr and not out.exists()
