@@ -10,9 +10,12 @@ Environment:
                            ``-mprefer-vector-width=512`` on x86-64; set
                            ``-march=x86-64-v3`` or similar when building a wheel
                            for other machines).
-  FORCE_CUDA=1             build the CUDA sources even if torch reports no CUDA.
+  FORCE_CUDA=1             require the CUDA kernels: fail, saying why, instead of
+                           building the CPU kernels only when torch has no CUDA or
+                           no CUDA toolkit (nvcc, CUDA_HOME) is found.
   TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;9.0").
-  MAX_JOBS                 parallel compile jobs (ninja).
+  MAX_JOBS                 parallel compile jobs (ninja; the CUDA files take a
+                           minute or two each).
 """
 
 import glob
@@ -22,7 +25,7 @@ import platform
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,6 +33,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def sources(pattern: str) -> list[str]:
     # Relative paths: setuptools rejects absolute ones in editable builds.
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot be built here, or None. CUDAExtension needs a
+    torch built with CUDA (a CPU torch makes its CUDA_HOME None whatever the
+    environment says) and a CUDA toolkit."""
+    if torch.version.cuda is None:
+        return "the installed torch has no CUDA (torch.version.cuda is None)"
+    if CUDA_HOME is None:
+        return "no CUDA toolkit found (nvcc on PATH or CUDA_HOME)"
+    return None
 
 
 def extension():
@@ -42,21 +56,22 @@ def extension():
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     cuda_sources = sources("csrc/cuda/*.cu")
 
-    want_cuda = torch.version.cuda is not None or os.environ.get("FORCE_CUDA") == "1"
-    if want_cuda and cuda_sources:
+    why_not_cuda = cuda_unavailable_reason()
+    if why_not_cuda is not None and os.environ.get("FORCE_CUDA") == "1":
+        raise RuntimeError(f"exposure-slot: FORCE_CUDA=1, but {why_not_cuda}")
+    if why_not_cuda is None and cuda_sources:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "exposure_slot._C",
             cpp_sources + cuda_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DEXPOSURE_SLOT_CUDA"],
-                "nvcc": ["-O3", "--use_fast_math", "-DEXPOSURE_SLOT_CUDA"],
+                "nvcc": ["-O3", "-DEXPOSURE_SLOT_CUDA"],
             },
             extra_link_args=["-fopenmp"],
         )
-    if not want_cuda:
-        print("exposure-slot: torch has no CUDA (torch.version.cuda is None); "
-              "building the CPU kernels only")
+    if why_not_cuda is not None:
+        print(f"exposure-slot: {why_not_cuda}; building the CPU kernels only")
     return CppExtension(
         "exposure_slot._C",
         cpp_sources,

@@ -174,7 +174,7 @@ def _select(op: str, backend: str, reference: Callable, device: torch.device) ->
         if backend == "cuda" and not cuda_kernels_available():
             raise RuntimeError(
                 f"{op}: backend 'cuda' needs exposure_slot._C built with its CUDA kernels, "
-                "which needs a torch with CUDA at build time (or FORCE_CUDA=1); this build "
+                "which needs a torch with CUDA and a CUDA toolkit at build time; this build "
                 "has the CPU kernels only")
         if device.type != backend:
             raise ValueError(f"{op}: backend {backend!r} computes on {backend.upper()} tensors, "
