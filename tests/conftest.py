@@ -1,10 +1,18 @@
-"""Shared fixtures: the project's ../shared folder (golden vectors, photos)."""
+"""Shared fixtures: the project's ../shared folder (golden vectors, photos); the
+fused op backends that can run here."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter,
+# which triton.jit picks when a kernel is decorated: set it before anything imports
+# exposure_slot.kernels. (tests/test_triton_kernels.py compiles in a child process
+# without it.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("EXPOSURE_SLOT_SHARED",
                              Path(__file__).resolve().parents[2] / "shared"))
@@ -34,3 +42,45 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def _fused_backend_skip(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None."""
+    from exposure_slot import ops
+    if backend == "cpu" and not ops.cpu_kernels_available():
+        return f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR})"
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "backend 'cuda' needs a GPU"
+        if not ops.cuda_kernels_available():
+            return "exposure_slot._C was built without its CUDA kernels"
+    if backend == "triton":
+        if not ops.triton_kernels_available():
+            return f"backend 'triton' needs triton ({ops._TRITON_IMPORT_ERROR})"
+        if not torch.cuda.is_available() and not ops.triton_interpreting():
+            return "backend 'triton' needs a GPU or TRITON_INTERPRET=1"
+    return None
+
+
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def fused_backends():
+    """pytest params of every fused op backend, skipped (with the reason) where it
+    cannot run: "cpu" when the extension is built; "triton" on a GPU or under the
+    interpreter; "cuda" on a GPU with the extension's CUDA kernels."""
+    return [pytest.param(b, marks=pytest.mark.skipif(bool(_fused_backend_skip(b)),
+                                                     reason=_fused_backend_skip(b) or ""))
+            for b in FUSED_BACKENDS]
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where ``backend`` computes: CUDA for "cuda" and for "triton" on a GPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def interpreted(backend: str) -> bool:
+    """True for Triton kernels run by the interpreter: slow, so tests shrink shapes."""
+    return backend == "triton" and backend_device(backend).type == "cpu"

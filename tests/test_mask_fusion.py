@@ -1,5 +1,7 @@
-"""The mask-weighted fusion op: the compiled CPU kernels against the PyTorch twin,
-its torch.library registration, determinism, and its errors.
+"""The mask-weighted fusion op: every fused backend that can run here (the compiled
+CPU kernels; the Triton kernels on a GPU or, small shapes, under Triton's
+interpreter; the CUDA kernels on a GPU) against the PyTorch twin, its torch.library
+registration, determinism, and its errors.
 
     out = base * prod_j (masks[j]^T @ tables[j]),  masks[j] [B,K_j,N],
     tables[j] [B or 1,K_j,C], base [B,N,C] or None.
@@ -10,8 +12,12 @@ signs, so an element-wise relative bound would be meaningless near zero):
   sum in different orders);
 - float32 kernel vs float64 reference on the same values: 4e-6 (float32 rounding of
   products of up to 3 mixtures and of sums over a few thousand tokens; observed
-  below 1e-6; far under 1e-4).
-Repeated runs and runs on 1 or 2 threads must agree bit for bit.
+  below 1e-6; far under 1e-4);
+- bfloat16 / float16 kernels (GPU backends; float32 accumulation) vs the float64
+  reference on the same (rounded) values: 1.6e-2 / 2e-3, a few units in the last
+  place of the 16-bit result (2^-8 and 2^-11 relative), which every output is
+  rounded to once.
+Repeated runs (and, on the CPU, runs on 1 or 2 threads) must agree bit for bit.
 """
 
 from __future__ import annotations
@@ -24,11 +30,29 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import backend_device, fused_backends, interpreted
 from exposure_slot import ops
 from exposure_slot.ops import cpu_kernels_available, mask_fusion, mask_fusion_reference
 
 F64_TOL = 1e-12
 F32_TOL = 4e-6
+TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 1.6e-2,
+              torch.float16: 2e-3}
+FUSED = fused_backends()
+NAMESPACES = {"cpu": "exposure_slot", "cuda": "exposure_slot", "triton": "exposure_slot_triton"}
+
+
+def op_namespace(backend):
+    """torch.ops.<namespace> of a fused backend's ops."""
+    return getattr(torch.ops, NAMESPACES[backend])
+
+
+def low_precision_dtypes(backend):
+    """The dtypes below float64 that ``backend``'s kernels implement (bfloat16 alone
+    under Triton's interpreter, to keep it fast: float32 runs in other tests there)."""
+    if interpreted(backend):
+        return [torch.bfloat16]
+    return [d for d in ops.BACKEND_DTYPES[backend] if d != torch.float64]
 
 requires_kernels = pytest.mark.skipif(
     not cpu_kernels_available(),
@@ -49,14 +73,17 @@ def make_inputs(B, slots, N, C, *, table_batches, with_base, dtype=torch.float64
 
 
 def forward_backward(backend, masks, tables, base, grad):
-    """[out, *grad_masks, *grad_tables, grad_base (None without a base)]."""
-    masks = [m.detach().requires_grad_() for m in masks]
-    tables = [t.detach().requires_grad_() for t in tables]
-    base = None if base is None else base.detach().requires_grad_()
+    """[out, *grad_masks, *grad_tables, grad_base (None without a base)], computed on
+    the backend's device and returned on the CPU."""
+    device = backend_device(backend)
+    masks = [m.detach().to(device).requires_grad_() for m in masks]
+    tables = [t.detach().to(device).requires_grad_() for t in tables]
+    base = None if base is None else base.detach().to(device).requires_grad_()
     out = mask_fusion(masks, tables, base, backend=backend)
-    out.backward(grad)
-    return ([out.detach()] + [m.grad for m in masks] + [t.grad for t in tables]
-            + [None if base is None else base.grad])
+    out.backward(grad.to(device))
+    return [None if t is None else t.cpu() for t in
+            [out.detach()] + [m.grad for m in masks] + [t.grad for t in tables]
+            + [None if base is None else base.grad]]
 
 
 def assert_matches(actual, expected, rel):
@@ -97,25 +124,31 @@ def parity_cases():
 
 
 PARITY = parity_cases()
+# Under Triton's interpreter (seconds per thousand tokens) the parity grid stops at
+# this many tokens of 128 channels.
+INTERPRETER_MAX_TOKENS = 100
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize(
     "B,N,C,slots,table_batches,with_base", PARITY,
     ids=[f"B{b}-N{n}-C{c}-K{'.'.join(map(str, k))}-T{'.'.join(map(str, t))}-{'base' if w else 'nobase'}"
          for b, n, c, k, t, w in PARITY])
-def test_float64_matches_reference(B, N, C, slots, table_batches, with_base):
+def test_float64_matches_reference(backend, B, N, C, slots, table_batches, with_base):
+    if interpreted(backend) and (N > INTERPRETER_MAX_TOKENS
+                                 or N * C > INTERPRETER_MAX_TOKENS * 128):
+        pytest.skip(f"N = {N}, C = {C}: too slow for Triton's interpreter (a GPU runs it)")
     inputs = make_inputs(B, slots, N, C, table_batches=table_batches, with_base=with_base,
                          seed=B * 7 + N + C)
     expected = forward_backward("reference", *inputs)
-    for actual, want in zip(forward_backward("cpu", *inputs), expected, strict=True):
+    for actual, want in zip(forward_backward(backend, *inputs), expected, strict=True):
         assert_matches(actual, want, F64_TOL)
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
-def test_non_contiguous_inputs(with_base):
-    B, N, C = 2, 301, 37
+def test_non_contiguous_inputs(backend, with_base):
+    B, N, C = 2, 101 if interpreted(backend) else 301, 37
     gen = torch.Generator().manual_seed(1)
     dtype = torch.float64
     masks = [
@@ -132,75 +165,92 @@ def test_non_contiguous_inputs(with_base):
     for t in (*masks, *tables, grad) + ((base,) if with_base else ()):
         assert not t.is_contiguous()
     expected = forward_backward("reference", masks, tables, base, grad)
-    for actual, want in zip(forward_backward("cpu", masks, tables, base, grad), expected,
+    for actual, want in zip(forward_backward(backend, masks, tables, base, grad), expected,
                             strict=True):
         assert_matches(actual, want, F64_TOL)
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("B,slots,N,C,table_batches,with_base", [
     (1, [3], 16411, 128, [1], True),
     (3, [16, 7], 1031, 37, [3, 1], False),
     (2, [3, 7, 10], 4099, 256, [1, 2, 1], True),
 ])
-def test_float32_matches_float64_reference(B, slots, N, C, table_batches, with_base):
-    masks, tables, base, grad = make_inputs(B, slots, N, C, table_batches=table_batches,
-                                            with_base=with_base, dtype=torch.float32)
-    to64 = lambda t: None if t is None else t.double()
-    expected = forward_backward("reference", [m.double() for m in masks],
-                                [t.double() for t in tables], to64(base), grad.double())
-    actual = forward_backward("cpu", masks, tables, base, grad)
-    for a, want in zip(actual, expected, strict=True):
-        if want is not None:
-            assert a.dtype == torch.float32
-            assert_matches(a.double(), want, F32_TOL)
+def test_low_precision_matches_float64_reference(backend, B, slots, N, C, table_batches,
+                                                 with_base):
+    """Every dtype below float64 the backend implements, against the float64 reference
+    on the same values (TOLERANCES); the interpreter takes at most 70 tokens and 64
+    channels."""
+    if interpreted(backend):
+        N, C = min(N, 70), min(C, 64)
+    for dtype in low_precision_dtypes(backend):
+        masks, tables, base, grad = make_inputs(B, slots, N, C, table_batches=table_batches,
+                                                with_base=with_base, dtype=dtype)
+        to64 = lambda t: None if t is None else t.double()
+        expected = forward_backward("reference", [m.double() for m in masks],
+                                    [t.double() for t in tables], to64(base), grad.double())
+        actual = forward_backward(backend, masks, tables, base, grad)
+        for a, want in zip(actual, expected, strict=True):
+            if want is not None:
+                assert a.dtype == dtype
+                assert_matches(a.double(), want, TOLERANCES[dtype])
 
 
 # ---------------------------------------------------------------- torch.library
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
 @pytest.mark.parametrize("table_batches", [[1], [2, 1]], ids=["one-shared", "two-mixed"])
-def test_opcheck(table_batches, with_base):
+def test_opcheck(backend, table_batches, with_base):
     slots = [3, 5][:len(table_batches)]
-    masks, tables, base, grad = make_inputs(2, slots, 260, 8, table_batches=table_batches,
-                                            with_base=with_base)
+    device = backend_device(backend)
+    masks, tables, base, grad = (
+        None if t is None else [x.to(device) for x in t] if isinstance(t, list) else t.to(device)
+        for t in make_inputs(2, slots, 70 if interpreted(backend) else 260, 8,
+                             table_batches=table_batches, with_base=with_base))
     forward_args = ([m.requires_grad_() for m in masks], [t.requires_grad_() for t in tables],
                     None if base is None else base.requires_grad_())
-    torch.library.opcheck(torch.ops.exposure_slot.mask_fusion, forward_args)
-    torch.library.opcheck(torch.ops.exposure_slot.mask_fusion_backward,
+    torch.library.opcheck(op_namespace(backend).mask_fusion, forward_args)
+    torch.library.opcheck(op_namespace(backend).mask_fusion_backward,
                           (grad, [m.detach() for m in masks], [t.detach() for t in tables],
                            None if base is None else base.detach()))
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
 @pytest.mark.parametrize("table_batches", [[1], [2, 1]], ids=["one-shared", "two-mixed"])
-def test_gradcheck(table_batches, with_base):
-    # N = 260 crosses the kernel's 256-token reduction chunk.
+def test_gradcheck(backend, table_batches, with_base):
+    # N = 260 crosses the CPU kernel's 256-token reduction chunk (and the Triton
+    # kernels' 64-token tiles).
     slots = [3, 2][:len(table_batches)]
+    device = backend_device(backend)
     masks, tables, base, _ = make_inputs(2, slots, 260, 5, table_batches=table_batches,
                                          with_base=with_base)
+    masks, tables = [m.to(device) for m in masks], [t.to(device) for t in tables]
+    base = None if base is None else base.to(device)
     J = len(masks)
     inputs = tuple(t.requires_grad_() for t in masks + tables + ([base] if with_base else []))
 
     def fused(*flat):
         return mask_fusion(list(flat[:J]), list(flat[J:2 * J]),
-                           flat[2 * J] if with_base else None, backend="cpu")
+                           flat[2 * J] if with_base else None, backend=backend)
 
     # fast_mode checks random projections of the Jacobian (one backward per output
     # projection instead of one forward per input element).
     assert torch.autograd.gradcheck(fused, inputs, fast_mode=True)
 
 
-@requires_kernels
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
     def fused(masks, tables, base):
-        return torch.tanh(mask_fusion(masks, tables, base, backend="cpu")).sum(dim=-1)
+        return torch.tanh(mask_fusion(masks, tables, base, backend=backend)).sum(dim=-1)
 
+    device = backend_device(backend)
     masks, tables, base, _ = make_inputs(2, [3, 4], 97, 16, table_batches=[1, 2],
                                          with_base=True)
+    masks, tables, base = [m.to(device) for m in masks], [t.to(device) for t in tables], \
+        base.to(device)
     compiled = torch.compile(fused, fullgraph=True)
     results = []
     for fn in (fused, compiled):
@@ -217,17 +267,19 @@ def test_torch_compile_fullgraph():
 # ---------------------------------------------------------------- determinism
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
-def test_bitwise_repeatable_and_thread_count_independent(with_base, restore_threads):
-    # Large enough to run in parallel, with many reduction chunks per batch item.
-    inputs = make_inputs(2, [7, 3], 5003, 128, table_batches=[1, 2], with_base=with_base,
+def test_bitwise_repeatable_and_thread_count_independent(backend, with_base, restore_threads):
+    # Large enough to run in parallel, with many reduction chunks per batch item
+    # (under the interpreter: several Triton chunks).
+    N, C = (131, 32) if interpreted(backend) else (5003, 128)
+    inputs = make_inputs(2, [7, 3], N, C, table_batches=[1, 2], with_base=with_base,
                          dtype=torch.float32)
-    first = forward_backward("cpu", *inputs)
-    assert_identical(forward_backward("cpu", *inputs), first)
+    first = forward_backward(backend, *inputs)
+    assert_identical(forward_backward(backend, *inputs), first)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        assert_identical(forward_backward("cpu", *inputs), first)
+        assert_identical(forward_backward(backend, *inputs), first)
 
 
 # ---------------------------------------------------------------- errors
@@ -270,7 +322,7 @@ def bad_call_cases():
 BAD = bad_call_cases()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 @pytest.mark.parametrize("args,error,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_wrapper_rejects_bad_arguments(backend, args, error, match):
     # The wrapper checks before it picks a backend: same errors without the extension.
@@ -330,10 +382,10 @@ def test_compiled_ops_reject_bad_arguments():
             call()
 
 
-@requires_kernels
-def test_fake_kernels_on_meta_tensors():
+@pytest.mark.parametrize("backend", [p for p in FUSED if p.values[0] != "cuda"])
+def test_fake_kernels_on_meta_tensors(backend):
     """Meta tensors go to the fake kernels: shapes out, the wrapper's checks in."""
-    op, backward = torch.ops.exposure_slot.mask_fusion, torch.ops.exposure_slot.mask_fusion_backward
+    op, backward = op_namespace(backend).mask_fusion, op_namespace(backend).mask_fusion_backward
     masks, tables, base, grad = make_inputs(3, [4, 2], 10, 8, table_batches=[1, 3],
                                             with_base=True)
     masks = [x.to("meta") for x in masks]
@@ -389,16 +441,40 @@ def test_package_imports_without_the_extension():
 # ---------------------------------------------------------------- in place
 
 
-@pytest.mark.parametrize("backend", [
-    "reference", pytest.param("cpu", marks=requires_kernels)])
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
 def test_in_place_update_equals_the_out_of_place_op(backend):
     """mask_fusion_ writes mask_fusion(masks, tables, base) into base (float64,
     1e-12) and refuses to run where autograd would need the old base."""
-    masks, tables, base, _ = make_inputs(2, [3, 7], 1031, 37, table_batches=[1, 2],
-                                         with_base=True)
+    device = backend_device(backend)
+    masks, tables, base, _ = make_inputs(2, [3, 7], 131 if interpreted(backend) else 1031, 37,
+                                         table_batches=[1, 2], with_base=True)
+    masks, tables, base = [m.to(device) for m in masks], [t.to(device) for t in tables], \
+        base.to(device)
     expected = mask_fusion(masks, tables, base, backend="reference")
     updated = base.clone()
     assert ops.mask_fusion_(masks, tables, updated, backend=backend) is updated
     torch.testing.assert_close(updated, expected, rtol=F64_TOL, atol=F64_TOL * expected.abs().max())
     with pytest.raises(RuntimeError, match="in-place and not differentiable"):
         ops.mask_fusion_(masks, tables, base.clone().requires_grad_(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [p for p in FUSED if p.values[0] == "triton"])
+def test_triton_ops_reject_bad_arguments_and_shapes_beyond_the_kernels(backend):
+    """Called directly, the Triton ops run the shared checks (TypeError/ValueError)
+    and refuse, naming the limit, what the kernels do not implement."""
+    op = op_namespace(backend).mask_fusion
+    device = backend_device(backend)
+    (m,), (t,), b, _ = (x.to(device) if isinstance(x, torch.Tensor) else [y.to(device) for y in x]
+                        for x in make_inputs(3, [4], 10, 8, table_batches=[1], with_base=True))
+    with pytest.raises(ValueError, match=r"tables\[0\] must be \[B or 1, K, C\]"):
+        op([m], [t[:, :3]], b)
+    with pytest.raises(TypeError, match="share one dtype"):
+        op([m], [t.float()], None)
+    wide = torch.randn(1, 4, 300, dtype=m.dtype, device=device)
+    with pytest.raises(ValueError, match="implement C <= 256, got C = 300"):
+        op([m], [wide], None)
+    many = 0.05 + torch.rand(3, 17, 10, dtype=m.dtype, device=device)
+    with pytest.raises(ValueError, match="factors of at most 16 slots"):
+        op([many], [torch.randn(1, 17, 8, dtype=m.dtype, device=device)], None)
+    with pytest.raises(ValueError, match="at most 15 factors per call, got 16"):
+        op([m] * 16, [t] * 16, None)

@@ -1,5 +1,7 @@
-"""The slot-attention pass op: the compiled CPU kernels against the PyTorch twin, the
-``stats`` cache, its torch.library registration, determinism, and its errors.
+"""The slot-attention pass op: every fused backend that can run here (the compiled
+CPU kernels; the Triton kernels on a GPU or, small shapes, under Triton's
+interpreter; the CUDA kernels on a GPU) against the PyTorch twin, the ``stats``
+cache, its torch.library registration, determinism, and its errors.
 
 A pass of a level at depth D-1 runs k_in and v_in through D stages (LayerNorm d,
 then times stage d's base and factors), takes the softmax over slots of
@@ -11,7 +13,10 @@ Tolerances, relative to the largest magnitude of the expected tensor:
   exact to ~1e-16 and sum in different orders);
 - float32 kernel vs float64 reference on the same values: 1e-5 for the forward and
   gradients (float32 rounding through up to three LayerNorms, products of mixtures,
-  a softmax and sums over ~4000 tokens; observed at most a few 1e-6; far under 1e-4).
+  a softmax and sums over ~4000 tokens; observed at most a few 1e-6; far under 1e-4);
+- bfloat16 / float16 kernels (GPU backends; float32 accumulation, statistics cached
+  in the input dtype) vs the float64 reference on the same (rounded) values: 3e-2 /
+  4e-3 (the result and the cached statistics are rounded to 8 / 11 mantissa bits).
 The ``stats`` cache must give bitwise the outputs computed without it, and the
 backward must ignore it; repeated runs and runs on 1 or 2 threads agree bit for bit.
 """
@@ -21,11 +26,33 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import backend_device, fused_backends, interpreted
 from exposure_slot import ops
 from exposure_slot.ops import cpu_kernels_available, slot_attention_pass
 
 F64_TOL = 1e-12
 F32_TOL = 1e-5
+TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 3e-2,
+              torch.float16: 4e-3}
+FUSED = fused_backends()
+NAMESPACES = {"cpu": "exposure_slot", "cuda": "exposure_slot", "triton": "exposure_slot_triton"}
+
+
+def op_namespace(backend):
+    return getattr(torch.ops, NAMESPACES[backend])
+
+
+def low_precision_dtypes(backend):
+    """The dtypes below float64 that ``backend``'s kernels implement (bfloat16 alone
+    under Triton's interpreter, to keep it fast)."""
+    if interpreted(backend):
+        return [torch.bfloat16]
+    return [d for d in ops.BACKEND_DTYPES[backend] if d != torch.float64]
+
+
+def tokens(backend, n):
+    """n, or at most 70 tokens under Triton's interpreter (still several tiles)."""
+    return min(n, 70) if interpreted(backend) else n
 NORM_EPS, ATTN_EPS = 1e-5, 1e-8
 
 requires_kernels = pytest.mark.skipif(
@@ -79,25 +106,39 @@ class Case:
         other.queries = next(it)
         return other
 
+    def on(self, backend):
+        """A copy on the backend's device."""
+        device = backend_device(backend)
+        copy = self.with_tensors([t.to(device) for t in self.tensors()])
+        copy.grads = tuple(g.to(device) for g in self.grads)
+        return copy
+
     def to(self, dtype):
         copy = self.with_tensors([t.to(dtype) for t in self.tensors()])
         copy.grads = tuple(g.to(dtype) for g in self.grads)
         return copy
 
     def run(self, backend, stats=None):
-        return slot_attention_pass(self.k_in, self.v_in, *self.norms, self.stage_bases,
-                                   self.masks, self.tables, self.factor_stages, self.queries,
-                                   stats, NORM_EPS, ATTN_EPS, backend=backend)
+        """The outputs, computed on the backend's device (the inputs are moved there;
+        a no-op on the CPU, where tests also pass leaves that require grad)."""
+        device = backend_device(backend)
+        on = lambda t: t if t is None or device.type == "cpu" else t.to(device)
+        return slot_attention_pass(on(self.k_in), on(self.v_in), *map(on, self.norms),
+                                   [on(t) for t in self.stage_bases],
+                                   [on(t) for t in self.masks], [on(t) for t in self.tables],
+                                   self.factor_stages, on(self.queries), on(stats), NORM_EPS,
+                                   ATTN_EPS, backend=backend)
 
     def forward_backward(self, backend, stats=None):
         """The four outputs and the gradients of the three differentiable ones
-        (weighted by self.grads) w.r.t. every input tensor."""
-        leaves = [t.detach().requires_grad_() for t in self.tensors()]
+        (weighted by self.grads) w.r.t. every input tensor, on the CPU."""
+        device = backend_device(backend)
+        leaves = [t.detach().to(device).requires_grad_() for t in self.tensors()]
         outputs = self.with_tensors(leaves).run(backend, stats)
         assert not outputs[3].requires_grad
-        loss = sum((o * g).sum() for o, g in zip(outputs[:3], self.grads))
+        loss = sum((o * g.to(device)).sum() for o, g in zip(outputs[:3], self.grads))
         grads = torch.autograd.grad(loss, leaves)
-        return [o.detach() for o in outputs] + list(grads)
+        return [t.cpu() for t in [o.detach() for o in outputs] + list(grads)]
 
     def op_args(self, stats=None):
         """The compiled op's own argument layout."""
@@ -144,22 +185,24 @@ def case_id(B, N, C, K, layout):
     return f"B{B}-N{N}-C{C}-K{K}-D{len(layout)}[{stages}]"
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("B,N,C,K,layout", PARITY, ids=[case_id(*c) for c in PARITY])
-def test_float64_matches_reference(B, N, C, K, layout):
+def test_float64_matches_reference(backend, B, N, C, K, layout):
+    if interpreted(backend) and (N > 100 or N * C > 100 * 128):
+        pytest.skip(f"N = {N}, C = {C}: too slow for Triton's interpreter (a GPU runs it)")
     case = Case(B, N, C, K, layout, seed=N + C + K)
     expected = case.forward_backward("reference")
-    actual = case.forward_backward("cpu")
+    actual = case.forward_backward(backend)
     assert len(actual) == 4 + len(case.tensors())
     for a, e in zip(actual, expected, strict=True):
         assert_matches(a, e, F64_TOL)
 
 
-@requires_kernels
-def test_stats_output_layout():
+@pytest.mark.parametrize("backend", FUSED)
+def test_stats_output_layout(backend):
     """stats[b, n, d] = (mean, 1/std) of the k row entering stage d, then of the v row."""
     case = Case(2, 37, 16, 3, [(T, [(3, F)]), (F, [(2, T)])], seed=3)
-    stats = case.run("cpu")[3]
+    stats = case.run(backend)[3].cpu()
     assert stats.shape == (2, 37, 2, 4)
     k, v = case.k_in, case.v_in
     for d in range(2):
@@ -177,9 +220,10 @@ def test_stats_output_layout():
                                            NORM_EPS) * mod
 
 
-@requires_kernels
-def test_non_contiguous_inputs():
-    B, N, C, K = 2, 301, 32, 5
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_contiguous_inputs(backend):
+    # (On a GPU the copies to the device are contiguous: there this is one more parity case.)
+    B, N, C, K = 2, tokens(backend, 301), 32, 5
     case = Case(B, N, C, K, [(T, [(3, T)]), (T, [(4, F), (2, F)])], seed=5)
 
     def strided(t):
@@ -194,21 +238,25 @@ def test_non_contiguous_inputs():
                                    for t in case.tensors()])
     noncontig.grads = tuple(strided(g) for g in case.grads)
     expected = case.forward_backward("reference")
-    for a, e in zip(noncontig.forward_backward("cpu"), expected, strict=True):
+    for a, e in zip(noncontig.forward_backward(backend), expected, strict=True):
         assert_matches(a, e, F64_TOL)
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", [
     [(F, [(3, F)]), (T, [(7, T), (3, F)])],
     [(T, [(3, F)]), (F, [(7, F)]), (T, [(10, F), (3, T)])],
 ], ids=["D2", "D3"])
-def test_float32_matches_float64_reference(layout):
-    case = Case(2, 4099, 128, 7, layout, dtype=torch.float32, seed=11)
-    expected = case.to(torch.float64).forward_backward("reference")
-    for a, e in zip(case.forward_backward("cpu"), expected, strict=True):
-        assert a.dtype == torch.float32
-        assert_matches(a.double(), e, F32_TOL)
+def test_low_precision_matches_float64_reference(backend, layout):
+    """Every dtype below float64 the backend implements (TOLERANCES; the interpreter
+    runs bfloat16 only, the 16-bit path: float32 runs in the tests above)."""
+    for dtype in low_precision_dtypes(backend):
+        case = Case(2, tokens(backend, 4099), 64 if interpreted(backend) else 128, 7, layout,
+                    dtype=dtype, seed=11)
+        expected = case.to(torch.float64).forward_backward("reference")
+        for a, e in zip(case.forward_backward(backend), expected, strict=True):
+            assert a.dtype == dtype
+            assert_matches(a.double(), e, TOLERANCES[dtype])
 
 
 # ---------------------------------------------------------------- the stats cache
@@ -216,23 +264,23 @@ def test_float32_matches_float64_reference(layout):
 CACHE_LAYOUT = [(F, [(3, F)]), (T, [(7, F), (3, T)]), (F, [(2, F)])]
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_stats_cache_gives_bitwise_the_same_outputs(dtype):
-    case = Case(2, 263, 64, 5, CACHE_LAYOUT, dtype=dtype, seed=13)
-    first = case.run("cpu")
+def test_stats_cache_gives_bitwise_the_same_outputs(backend, dtype):
+    case = Case(2, tokens(backend, 263), 64, 5, CACHE_LAYOUT, dtype=dtype, seed=13)
+    first = case.run(backend)
     stats = first[3]
-    assert_identical(case.run("cpu", stats), first)
+    assert_identical(case.run(backend, stats), first)
     for S in range(len(CACHE_LAYOUT)):  # the leading S stages, S < D (S = 0 included)
-        assert_identical(case.run("cpu", stats[:, :, :S]), first)
-        assert_identical(case.run("cpu", stats[:, :, :S].contiguous()), first)
+        assert_identical(case.run(backend, stats[:, :, :S]), first)
+        assert_identical(case.run(backend, stats[:, :, :S].contiguous()), first)
 
 
-@requires_kernels
-def test_stats_of_a_parent_pass_serve_its_child():
+@pytest.mark.parametrize("backend", FUSED)
+def test_stats_of_a_parent_pass_serve_its_child(backend):
     """A level's pass through stages 0..D-2 (its parent's stages) gives the stats
     its child's pass through stages 0..D-1 takes."""
-    child = Case(2, 263, 64, 5, CACHE_LAYOUT, seed=17)
+    child = Case(2, tokens(backend, 263), 64, 5, CACHE_LAYOUT, seed=17)
     parent = child.with_tensors(child.tensors())
     parent.norms = [n[:2] for n in child.norms]
     parent.stage_bases = child.stage_bases[:2]
@@ -241,23 +289,23 @@ def test_stats_of_a_parent_pass_serve_its_child():
     parent.tables = [child.tables[j] for j in keep]
     parent.factor_stages = [child.factor_stages[j] for j in keep]
     parent.queries = child.queries[:, :3]
-    parent_stats = parent.run("cpu")[3]
-    expected = child.run("cpu")
-    assert_identical(child.run("cpu", parent_stats), expected)
+    parent_stats = parent.run(backend)[3]
+    expected = child.run(backend)
+    assert_identical(child.run(backend, parent_stats), expected)
     assert torch.equal(parent_stats, expected[3][:, :, :2])
     # and matches the reference, which ignores the cache
-    for a, e in zip(child.run("cpu", parent_stats), child.run("reference")):
-        assert_matches(a, e, F64_TOL)
+    for a, e in zip(child.run(backend, parent_stats), child.run("reference")):
+        assert_matches(a.cpu(), e, F64_TOL)
 
 
-@requires_kernels
-def test_stats_cache_is_used_by_the_forward_and_ignored_by_the_backward():
-    case = Case(2, 263, 32, 4, CACHE_LAYOUT, seed=19)
-    plain = case.forward_backward("cpu")
+@pytest.mark.parametrize("backend", FUSED)
+def test_stats_cache_is_used_by_the_forward_and_ignored_by_the_backward(backend):
+    case = Case(2, tokens(backend, 263), 32, 4, CACHE_LAYOUT, seed=19)
+    plain = case.forward_backward(backend)
     stale = plain[3].clone()
     stale[..., 0] += 0.25  # shifted means: the forward must see them
     stale[..., 3] *= 1.5
-    cached = case.forward_backward("cpu", stale)
+    cached = case.forward_backward(backend, stale)
     assert not torch.equal(cached[0], plain[0])  # the forward read the cache ...
     assert torch.equal(cached[3], stale)  # ... and passed it through,
     assert_identical(cached[4:], plain[4:])  # but the gradients never depend on it
@@ -269,52 +317,55 @@ def test_stats_cache_is_used_by_the_forward_and_ignored_by_the_backward():
 # ---------------------------------------------------------------- torch.library
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", [
     [(F, [])],
     [(T, [(3, F)]), (F, [(2, T), (3, F)])],
 ], ids=["D1-plain", "D2-mixed"])
-def test_opcheck(layout):
-    case = Case(2, 260, 8, 3, layout, seed=23)
+def test_opcheck(backend, layout):
+    case = Case(2, tokens(backend, 260), 8, 3, layout, seed=23).on(backend)
     args = case.op_args()
     with_grad = tuple(
         [t.requires_grad_() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
         else a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.exposure_slot.slot_attention_pass, with_grad)
-    stats = case.run("cpu")[3]
-    torch.library.opcheck(torch.ops.exposure_slot.slot_attention_pass, case.op_args(stats[:, :, :1]))
+    torch.library.opcheck(op_namespace(backend).slot_attention_pass, with_grad)
+    stats = case.run(backend)[3]
+    torch.library.opcheck(op_namespace(backend).slot_attention_pass,
+                          case.op_args(stats[:, :, :1]))
 
 
-@requires_kernels
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", [
     [(F, [])],
     [(T, [(3, F)]), (F, [(2, T), (3, F)])],
 ], ids=["D1-plain", "D2-mixed"])
-def test_opcheck_backward(layout):
+def test_opcheck_backward(backend, layout):
     # The schema declares ten separate outputs: none may alias another (test_schema).
-    case = Case(2, 260, 8, 3, layout, seed=23)
-    torch.library.opcheck(torch.ops.exposure_slot.slot_attention_pass_backward,
+    case = Case(2, tokens(backend, 260), 8, 3, layout, seed=23).on(backend)
+    torch.library.opcheck(op_namespace(backend).slot_attention_pass_backward,
                           (*case.grads, *case.op_args()[:12], NORM_EPS, ATTN_EPS))
 
 
-@requires_kernels
-def test_gradcheck_across_the_chunk_boundary():
-    # N = 260 crosses the kernel's 256-token reduction chunk.
-    case = Case(2, 260, 6, 3, [(T, [(2, F)]), (F, [(3, T)])], seed=29)
+@pytest.mark.parametrize("backend", FUSED)
+def test_gradcheck_across_the_chunk_boundary(backend):
+    # N = 260 crosses the CPU kernel's 256-token reduction chunk; 70 the Triton
+    # kernels' tiles (at most 64 tokens).
+    case = Case(2, tokens(backend, 260), 6, 3, [(T, [(2, F)]), (F, [(3, T)])],
+                seed=29).on(backend)
     tensors = tuple(t.detach().requires_grad_() for t in case.tensors())
 
     def fused(*flat):
-        return case.with_tensors(flat).run("cpu")[:3]
+        return case.with_tensors(flat).run(backend)[:3]
 
     assert torch.autograd.gradcheck(fused, tensors, fast_mode=True)
 
 
-@requires_kernels
-def test_torch_compile_fullgraph():
-    case = Case(2, 97, 16, 3, [(T, [(3, F)]), (F, [(2, T)])], seed=31)
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend):
+    case = Case(2, 97, 16, 3, [(T, [(3, F)]), (F, [(2, T)])], seed=31).on(backend)
 
     def fn(*flat):
-        attn, attn_sum, attn_v, _ = case.with_tensors(flat).run("cpu")
+        attn, attn_sum, attn_v, _ = case.with_tensors(flat).run(backend)
         return (attn_v / attn_sum.unsqueeze(-1)).tanh().sum() + attn.square().sum()
 
     compiled = torch.compile(fn, fullgraph=True)
@@ -330,15 +381,16 @@ def test_torch_compile_fullgraph():
 # ---------------------------------------------------------------- determinism
 
 
-@requires_kernels
-def test_bitwise_repeatable_and_thread_count_independent(restore_threads):
-    case = Case(2, 5003, 128, 7, [(F, [(3, F)]), (T, [(7, T), (3, F)])], dtype=torch.float32,
+@pytest.mark.parametrize("backend", FUSED)
+def test_bitwise_repeatable_and_thread_count_independent(backend, restore_threads):
+    N, C = (70, 32) if interpreted(backend) else (5003, 128)
+    case = Case(2, N, C, 7, [(F, [(3, F)]), (T, [(7, T), (3, F)])], dtype=torch.float32,
                 seed=37)
-    first = case.forward_backward("cpu")
-    assert_identical(case.forward_backward("cpu"), first)
+    first = case.forward_backward(backend)
+    assert_identical(case.forward_backward(backend), first)
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        assert_identical(case.forward_backward("cpu"), first)
+        assert_identical(case.forward_backward(backend), first)
 
 
 # ---------------------------------------------------------------- errors
@@ -408,7 +460,7 @@ WRAPPER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 @pytest.mark.parametrize("changes,error,match", [c[1:] for c in WRAPPER_ERRORS],
                          ids=[c[0] for c in WRAPPER_ERRORS])
 def test_wrapper_rejects_bad_arguments(backend, changes, error, match):
@@ -489,10 +541,10 @@ def test_compiled_ops_reject_bad_arguments():
             pytest.fail(f"case {name} raised nothing")
 
 
-@requires_kernels
-def test_fake_kernels_on_meta_tensors():
-    op = torch.ops.exposure_slot.slot_attention_pass
-    backward = torch.ops.exposure_slot.slot_attention_pass_backward
+@pytest.mark.parametrize("backend", [p for p in FUSED if p.values[0] != "cuda"])
+def test_fake_kernels_on_meta_tensors(backend):
+    op = op_namespace(backend).slot_attention_pass
+    backward = op_namespace(backend).slot_attention_pass_backward
     c = small_case()
     meta = c.with_tensors([t.to("meta") for t in c.tensors()])
     attn, attn_sum, attn_v, stats = op(*meta.op_args())
@@ -510,3 +562,22 @@ def test_fake_kernels_on_meta_tensors():
     args[0] = args[0][:, :9]
     with pytest.raises(ValueError, match=r"v_in must be \[B, N, C\] like k_in"):
         op(*args)
+
+
+@pytest.mark.parametrize("backend", [p for p in FUSED if p.values[0] == "triton"])
+def test_triton_ops_reject_shapes_beyond_the_kernels(backend):
+    """The Triton ops name the limit they do not implement."""
+    op = op_namespace(backend).slot_attention_pass
+    c = small_case().on(backend)
+    args = list(c.op_args())
+    with pytest.raises(TypeError, match="share one dtype"):
+        op(*[a.float() if i == 0 else a for i, a in enumerate(args)])
+    wide = Case(1, 4, 300, 3, [(F, [])], seed=1).on(backend)
+    with pytest.raises(ValueError, match="implement C <= 256, got C = 300"):
+        op(*wide.op_args())
+    many = Case(1, 4, 8, 17, [(F, [])], seed=1).on(backend)
+    with pytest.raises(ValueError, match=r"implement K <= 16 slots"):
+        op(*many.op_args())
+    deep = Case(1, 4, 8, 3, [(F, [])] * 5, seed=1).on(backend)
+    with pytest.raises(ValueError, match=r"implement D <= 4 stages"):
+        op(*deep.op_args())
