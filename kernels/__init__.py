@@ -31,29 +31,20 @@ from .modulation import check_device
 
 NAMESPACE = "exposure_slot_triton"
 
-_SCHEMAS = {
-    "mask_fusion": "mask_fusion(Tensor[] masks, Tensor[] tables, Tensor? base) -> Tensor",
-    "mask_fusion_": "mask_fusion_(Tensor[] masks, Tensor[] tables, Tensor(a!) base) -> ()",
-    "mask_fusion_backward":
-        "mask_fusion_backward(Tensor grad, Tensor[] masks, Tensor[] tables, Tensor? base)"
-        " -> (Tensor[] grad_masks, Tensor[] grad_tables, Tensor? grad_base)",
-    "slot_attention_pass":
-        "slot_attention_pass(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
-        "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
-        "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
-        "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps) "
-        "-> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats)",
-    "slot_attention_pass_backward":
-        "slot_attention_pass_backward(Tensor grad_attn, Tensor grad_attn_sum, "
-        "Tensor grad_attn_v, Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
-        "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
-        "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
-        "int[] factor_stages, Tensor queries, float norm_eps, float attn_eps) "
-        "-> (Tensor grad_k_in, Tensor grad_v_in, "
-        "Tensor grad_norm_k_weight, Tensor grad_norm_k_bias, Tensor grad_norm_v_weight, "
-        "Tensor grad_norm_v_bias, Tensor[] grad_stage_bases, Tensor[] grad_factor_masks, "
-        "Tensor[] grad_factor_tables, Tensor grad_queries)",
-}
+OPS = ("mask_fusion", "mask_fusion_", "mask_fusion_backward", "slot_attention_pass",
+       "slot_attention_pass_backward")
+
+
+def _schema(op: str) -> str:
+    """The schema csrc/exposure_slot.cpp gives ``exposure_slot::op``, without its
+    namespace: one definition of every op's arguments for all backends."""
+    from ..ops import _C_IMPORT_ERROR, cpu_kernels_available
+
+    if not cpu_kernels_available():
+        raise ImportError("the Triton ops take their schemas from exposure_slot._C, which did "
+                          f"not import ({_C_IMPORT_ERROR})")
+    return str(getattr(torch.ops.exposure_slot, op).default._schema).split("::", 1)[1]
+
 
 
 # The kernels check only what the shared check_args (the fake kernels' checks) do not.
@@ -92,8 +83,8 @@ _IMPLS = {
     "slot_attention_pass": slot_attention_pass.slot_attention_pass,
     "slot_attention_pass_backward": slot_attention_pass.slot_attention_pass_backward,
 }
-for _name, _schema in _SCHEMAS.items():
-    _LIBRARY.define(_schema, tags=(torch.Tag.pt2_compliant_tag,))
+for _name in OPS:
+    _LIBRARY.define(_schema(_name), tags=(torch.Tag.pt2_compliant_tag,))
     for _key in ("CUDA", "CPU"):
         _LIBRARY.impl(_name, _IMPLS[_name], _key)
 

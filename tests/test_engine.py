@@ -23,26 +23,12 @@ import exposure_slot as es
 from exposure_slot import inference
 from exposure_slot.data.synthesis import synthesize
 from exposure_slot.engine import compile_for
+from random_models import random_model
 
 FLOAT32_TOL = 1e-4
 BF16_TOL = 2e-2
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU; none here")
-
-
-def random_model(level=2, seed=0, size_policy="pad"):
-    """A random model with non-trivial BatchNorm and a correction of order 1."""
-    torch.manual_seed(seed)
-    model = es.ExposureSlot(level=level, backend="reference", size_policy=size_policy).eval()
-    with torch.no_grad():
-        for bn in (model.bn1, model.bn2, model.bn3):
-            bn.running_mean.normal_(0, 0.5)
-            bn.running_var.uniform_(0.3, 3.0)
-            bn.weight.normal_(1, 0.4)
-            bn.bias.normal_(0, 0.4)
-        model.bottleneck.rescale.fill_(1.7)
-        model.conv6.weight.mul_(4)
-    return model
 
 
 def image(*shape, seed, dtype=torch.float64):
