@@ -49,6 +49,9 @@ print('device', torch.cuda.get_device_name(), torch.cuda.get_device_capability()
 } >"$OUT/env.txt" 2>&1
 
 # 2. Build (the device's torch is kept: no build isolation, no dependency resolution).
+# H100 and H200 are sm_90: one architecture halves nvcc's work; 16 cores compile the
+# sources in parallel.
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 step build 150 build.log pip install -q --no-build-isolation --no-deps -e . \
   || true
 python -c "from exposure_slot import ops; print('cpu', ops.cpu_kernels_available(), \
