@@ -36,6 +36,13 @@ def available_backends() -> list[str]:
     return [name for name in KNOWN_BACKENDS if name in found]
 
 
+def _interpreted(name: str) -> bool:
+    """Whether ``name`` is "triton" running on CPU tensors through Triton's
+    interpreter (``TRITON_INTERPRET=1``): usable by explicit choice, for tests, but
+    never listed as available nor picked by "auto" (it is far too slow for models)."""
+    return name == "triton" and ops.triton_interpreting() and ops.triton_kernels_available()
+
+
 def validate_backend(name: str) -> str:
     """Return ``name`` if it is "auto" or an available backend, else raise ValueError."""
     if name == "auto":
@@ -45,7 +52,7 @@ def validate_backend(name: str) -> str:
         raise ValueError(
             f"unknown backend {name!r}; known: {', '.join(KNOWN_BACKENDS)}; "
             f"available on this install: auto, {', '.join(available)}")
-    if name not in available:
+    if name not in available and not _interpreted(name):
         raise ValueError(
             f"backend {name!r} is not available on this install; "
             f"available: auto, {', '.join(available)}")
@@ -62,7 +69,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
                 return candidate
         return "reference"
     wanted = _DEVICE_OF.get(name)
-    if wanted is not None and device.type != wanted:
+    if wanted is not None and device.type != wanted and not (
+            device.type == "cpu" and _interpreted(name)):
         raise ValueError(
             f"backend {name!r} computes on {wanted} tensors but the input is on "
             f"{device}; move the input or choose backend='auto'")

@@ -11,8 +11,13 @@ import pytest
 import torch
 
 import exposure_slot as es
+from exposure_slot import ops
 
 FUSED = [b for b in es.available_backends() if b != "reference"]
+# Without a GPU, the Triton kernels run through Triton's interpreter (tests/conftest.py
+# switches it on): slow, so only the module test below, at its small sizes, uses it.
+INTERPRETED = ["triton"] if "triton" not in FUSED and ops.triton_interpreting() \
+    and ops.triton_kernels_available() else []
 if not FUSED:
     pytest.skip("no fused backend is built on this install (exposure_slot._C missing); "
                 "run `pip install -e . --no-build-isolation`", allow_module_level=True)
@@ -30,7 +35,7 @@ def grads(module, inputs, outputs):
     return torch.autograd.grad(loss, list(inputs) + params, allow_unused=True)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED + INTERPRETED)
 @pytest.mark.parametrize("slots, batch, tokens", [((3,), 1, 1), ((3, 7), 3, 97), ((3, 7, 10), 2, 64),
                                                   ((16, 1), 1, 33)])
 def test_slot_in_slot_forward_and_gradients(backend, slots, batch, tokens):
