@@ -84,3 +84,21 @@ def backend_device(backend: str) -> torch.device:
 def interpreted(backend: str) -> bool:
     """True for Triton kernels run by the interpreter: slow, so tests shrink shapes."""
     return backend == "triton" and backend_device(backend).type == "cpu"
+
+
+# The torch.ops namespace of each fused backend's ops.
+_NAMESPACES = {"cpu": "exposure_slot", "cuda": "exposure_slot", "triton": "exposure_slot_triton"}
+
+
+def op_namespace(backend: str):
+    """torch.ops.<namespace> of a fused backend's ops."""
+    return getattr(torch.ops, _NAMESPACES[backend])
+
+
+def low_precision_dtypes(backend: str) -> list[torch.dtype]:
+    """The dtypes below float64 that ``backend``'s kernels implement (bfloat16 alone
+    under Triton's interpreter, to keep it fast: float32 runs in other tests there)."""
+    from exposure_slot import ops
+    if interpreted(backend):
+        return [torch.bfloat16]
+    return [d for d in ops.BACKEND_DTYPES[backend] if d != torch.float64]

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import backend_device, fused_backends, interpreted
+from conftest import (backend_device, fused_backends, interpreted, low_precision_dtypes,
+                      op_namespace)
 from exposure_slot import ops
 from exposure_slot.ops import cpu_kernels_available, mask_fusion, mask_fusion_reference
 
@@ -39,21 +40,6 @@ F32_TOL = 4e-6
 TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 1.6e-2,
               torch.float16: 2e-3}
 FUSED = fused_backends()
-NAMESPACES = {"cpu": "exposure_slot", "cuda": "exposure_slot", "triton": "exposure_slot_triton"}
-
-
-def op_namespace(backend):
-    """torch.ops.<namespace> of a fused backend's ops."""
-    return getattr(torch.ops, NAMESPACES[backend])
-
-
-def low_precision_dtypes(backend):
-    """The dtypes below float64 that ``backend``'s kernels implement (bfloat16 alone
-    under Triton's interpreter, to keep it fast: float32 runs in other tests there)."""
-    if interpreted(backend):
-        return [torch.bfloat16]
-    return [d for d in ops.BACKEND_DTYPES[backend] if d != torch.float64]
-
 requires_kernels = pytest.mark.skipif(
     not cpu_kernels_available(),
     reason=f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR}); "

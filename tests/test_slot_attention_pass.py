@@ -26,7 +26,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_device, fused_backends, interpreted
+from conftest import (backend_device, fused_backends, interpreted, low_precision_dtypes,
+                      op_namespace)
 from exposure_slot import ops
 from exposure_slot.ops import cpu_kernels_available, slot_attention_pass
 
@@ -35,21 +36,6 @@ F32_TOL = 1e-5
 TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 3e-2,
               torch.float16: 4e-3}
 FUSED = fused_backends()
-NAMESPACES = {"cpu": "exposure_slot", "cuda": "exposure_slot", "triton": "exposure_slot_triton"}
-
-
-def op_namespace(backend):
-    return getattr(torch.ops, NAMESPACES[backend])
-
-
-def low_precision_dtypes(backend):
-    """The dtypes below float64 that ``backend``'s kernels implement (bfloat16 alone
-    under Triton's interpreter, to keep it fast)."""
-    if interpreted(backend):
-        return [torch.bfloat16]
-    return [d for d in ops.BACKEND_DTYPES[backend] if d != torch.float64]
-
-
 def tokens(backend, n):
     """n, or at most 70 tokens under Triton's interpreter (still several tiles)."""
     return min(n, 70) if interpreted(backend) else n
