@@ -44,11 +44,25 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def _cpu_kernels_skip() -> str | None:
+    from exposure_slot import ops
+    if ops.cpu_kernels_available():
+        return None
+    return (f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR}); "
+            "run `python setup.py build_ext --inplace`")
+
+
+# Marks a test of the compiled CPU kernels.
+_CPU_KERNELS_SKIP = _cpu_kernels_skip()
+requires_kernels = pytest.mark.skipif(_CPU_KERNELS_SKIP is not None,
+                                      reason=_CPU_KERNELS_SKIP or "")
+
+
 def _fused_backend_skip(backend: str) -> str | None:
     """Why ``backend`` cannot run here, or None."""
     from exposure_slot import ops
-    if backend == "cpu" and not ops.cpu_kernels_available():
-        return f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR})"
+    if backend == "cpu":
+        return _CPU_KERNELS_SKIP
     if backend == "cuda":
         if not torch.cuda.is_available():
             return "backend 'cuda' needs a GPU"

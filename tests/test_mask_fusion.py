@@ -31,19 +31,15 @@ import pytest
 import torch
 
 from conftest import (backend_device, fused_backends, interpreted, low_precision_dtypes,
-                      op_namespace)
+                      op_namespace, requires_kernels)
 from exposure_slot import ops
-from exposure_slot.ops import cpu_kernels_available, mask_fusion, mask_fusion_reference
+from exposure_slot.ops import mask_fusion, mask_fusion_reference
 
 F64_TOL = 1e-12
 F32_TOL = 4e-6
 TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 1.6e-2,
               torch.float16: 2e-3}
 FUSED = fused_backends()
-requires_kernels = pytest.mark.skipif(
-    not cpu_kernels_available(),
-    reason=f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR}); "
-           "run `python setup.py build_ext --inplace`")
 
 
 def make_inputs(B, slots, N, C, *, table_batches, with_base, dtype=torch.float64, seed=0):

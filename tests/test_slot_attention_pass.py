@@ -27,24 +27,22 @@ import pytest
 import torch
 
 from conftest import (backend_device, fused_backends, interpreted, low_precision_dtypes,
-                      op_namespace)
-from exposure_slot import ops
-from exposure_slot.ops import cpu_kernels_available, slot_attention_pass
+                      op_namespace, requires_kernels)
+from exposure_slot.ops import slot_attention_pass
 
 F64_TOL = 1e-12
 F32_TOL = 1e-5
 TOLERANCES = {torch.float64: F64_TOL, torch.float32: F32_TOL, torch.bfloat16: 3e-2,
               torch.float16: 4e-3}
 FUSED = fused_backends()
+
+
 def tokens(backend, n):
     """n, or at most 70 tokens under Triton's interpreter (still several tiles)."""
     return min(n, 70) if interpreted(backend) else n
-NORM_EPS, ATTN_EPS = 1e-5, 1e-8
 
-requires_kernels = pytest.mark.skipif(
-    not cpu_kernels_available(),
-    reason=f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR}); "
-           "run `python setup.py build_ext --inplace`")
+
+NORM_EPS, ATTN_EPS = 1e-5, 1e-8
 
 
 class Case:

@@ -25,16 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import requires_kernels
 import exposure_slot as es
-from exposure_slot import ops
 
 F64_TOL = 1e-10
 F32_TOL = 1e-4
 
-requires_kernels = pytest.mark.skipif(
-    not ops.cpu_kernels_available(),
-    reason=f"exposure_slot._C is not built ({ops._C_IMPORT_ERROR}); "
-           "run `python setup.py build_ext --inplace`")
 
 
 def make_pair(C, slots, iters=3, dtype=torch.float64, seed=0):
