@@ -70,7 +70,7 @@ def _fused_backend_skip(backend: str) -> str | None:
             return "exposure_slot._C was built without its CUDA kernels"
     if backend == "triton":
         if not ops.triton_kernels_available():
-            return f"backend 'triton' needs triton ({ops._TRITON_IMPORT_ERROR})"
+            return f"backend 'triton' needs triton ({ops.triton_import_error()})"
         if not torch.cuda.is_available() and not ops.triton_interpreting():
             return "backend 'triton' needs a GPU or TRITON_INTERPRET=1"
     return None

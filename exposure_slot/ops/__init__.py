@@ -18,9 +18,9 @@ Every op ``name`` has three parts:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
+import functools
 import os
+from collections.abc import Callable, Sequence
 
 import torch  # first: the extension links against torch's libraries
 
@@ -77,24 +77,19 @@ def triton_interpreting() -> bool:
 def triton_kernels_available() -> bool:
     """True iff the Triton kernels (``exposure_slot.kernels``) import, which needs the
     ``triton`` package; whether they can run also needs a GPU or the interpreter."""
-    return _triton_ops() is not None
+    return triton_import_error() is None
 
 
-def _triton_ops():
-    """``torch.ops.exposure_slot_triton`` after importing the kernels that define it
-    (lazily: importing triton takes a second), or None without triton."""
-    global _TRITON_IMPORT_ERROR
-    if _TRITON_IMPORT_ERROR is None:
-        try:
-            from .. import kernels  # noqa: F401  (defines the ops)
-        except ImportError as exc:
-            _TRITON_IMPORT_ERROR = exc
-        else:
-            _TRITON_IMPORT_ERROR = False
-    return None if _TRITON_IMPORT_ERROR else torch.ops.exposure_slot_triton
-
-
-_TRITON_IMPORT_ERROR: ImportError | bool | None = None  # None: not tried yet
+@functools.cache
+def triton_import_error() -> ImportError | None:
+    """Why the Triton kernels, which define ``torch.ops.exposure_slot_triton``, do not
+    import, or None once they have. Imported on first use: importing triton takes a
+    second."""
+    try:
+        from .. import kernels  # noqa: F401  (defines the ops)
+    except ImportError as exc:
+        return exc
+    return None
 
 
 def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
@@ -181,13 +176,12 @@ def _select(op: str, backend: str, reference: Callable, device: torch.device) ->
                              f"got tensors on {device}; move them or choose another backend")
         return getattr(torch.ops.exposure_slot, op)
     if backend == "triton":
-        namespace = _triton_ops()
-        if namespace is None:
-            raise RuntimeError(f"{op}: backend 'triton' needs the triton package "
-                               f"(`pip install triton`): {_TRITON_IMPORT_ERROR}")
+        if triton_import_error() is not None:
+            raise RuntimeError(f"{op}: backend 'triton' is not usable here (it needs the triton "
+                               f"package, `pip install triton`): {triton_import_error()}")
         if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
             raise ValueError(f"{op}: backend 'triton' computes on CUDA tensors (or on CPU "
                              f"tensors with TRITON_INTERPRET=1), got tensors on {device}")
-        return getattr(namespace, op)
+        return getattr(torch.ops.exposure_slot_triton, op)
     raise ValueError(f"{op}: unknown backend {backend!r}; expected one of "
                      f"{', '.join(BACKEND_DTYPES)}")
