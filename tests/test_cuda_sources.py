@@ -20,6 +20,7 @@ Skips, with the reason, when nvcc is not installed.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -35,9 +36,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("80", "90")
 
+
+
+def setup_nvcc_flags() -> list[str]:
+    """setup.py's NVCC_FLAGS, read without running setup.py."""
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NVCC_FLAGS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no NVCC_FLAGS list")
+
+
 # setup.py's nvcc flags, and the ones torch's BuildExtension adds to every .cu file.
-NVCC_FLAGS = [
-    "-O3", "-DEXPOSURE_SLOT_CUDA", "-std=c++20",
+NVCC_FLAGS = setup_nvcc_flags() + [
+    "-std=c++20",
     "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-D__CUDA_NO_HALF_OPERATORS__",
     "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
     "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
