@@ -75,6 +75,67 @@ __attribute__((always_inline)) inline T dot(const T* __restrict__ a, const T* __
   return reduce<T>(C, [=](int64_t c) { return a[c] * b[c]; });
 }
 
+// Blocks of channels. Per-token loops over C go block by block, and everything a
+// block needs from stage to stage (a modulation, a LayerNorm output) stays in
+// registers. A full block is kBlock<T> values: two AVX-512 registers of float (one
+// pair of double), enough independent work to hide the multiply-add latency,
+// few enough to leave registers for the rest. Full blocks are arrays of GCC vector
+// types with a compile-time length, which the compiler keeps in registers (arrays
+// of T indexed in runtime loops went through the stack and stalled on store
+// forwarding); the last, partial block runs the same code on single values.
+template <typename T>
+constexpr int64_t kBlock = 128 / sizeof(T);
+
+template <typename T>
+struct VectorOf {
+  typedef T type __attribute__((vector_size(64)));
+  typedef T unaligned __attribute__((vector_size(64), aligned(alignof(T)), may_alias));
+};
+template <typename T>
+using Vec = typename VectorOf<T>::type;
+
+template <typename T>
+struct FullBlock {
+  using Unit = Vec<T>;
+  static constexpr int64_t kStride = kVectorLanes<T>;  // values per unit
+  static constexpr int64_t kCapacity = kBlock<T> / kVectorLanes<T>;
+  static constexpr int64_t units = kCapacity;
+};
+
+template <typename T>
+struct TailBlock {
+  using Unit = T;
+  static constexpr int64_t kStride = 1;
+  static constexpr int64_t kCapacity = kBlock<T>;
+  int64_t units;
+};
+
+template <typename U, typename T>
+__attribute__((always_inline)) inline U load(const T* p) {
+  if constexpr (std::is_same_v<U, T>) {
+    return *p;
+  } else {
+    return *reinterpret_cast<const typename VectorOf<T>::unaligned*>(p);
+  }
+}
+
+template <typename U, typename T>
+__attribute__((always_inline)) inline void store(T* p, U x) {
+  if constexpr (std::is_same_v<U, T>) {
+    *p = x;
+  } else {
+    *reinterpret_cast<typename VectorOf<T>::unaligned*>(p) = x;
+  }
+}
+
+// body(c0, block) for the blocks of [0, C): FullBlock<T>{} or the TailBlock<T> left.
+template <typename T, typename Body>
+__attribute__((always_inline)) inline void for_each_block(int64_t C, const Body& body) {
+  int64_t c0 = 0;
+  for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) body(c0, FullBlock<T>{});
+  if (c0 < C) body(c0, TailBlock<T>{C - c0});
+}
+
 // Below this many multiply-adds, starting a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 

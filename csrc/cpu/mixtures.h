@@ -19,10 +19,9 @@
 //
 // Layout: masks [B,K,N] contiguous, so a token's K weights lie N apart; tables
 // [TB,K,C] contiguous and small (they stay in L1 for a whole pass); every per-token
-// vector is C contiguous values. Channels are processed in blocks of kBlock values
-// of compile-time width, so a block's mixture and product stay in vector registers
-// across the K slots and J factors instead of going through memory once per slot;
-// the last, partial block runs the same code with a runtime width.
+// vector is C contiguous values. Channels are processed in blocks (common.h), so a
+// block's mixture and product stay in vector registers across the K slots and J
+// factors instead of going through memory once per slot.
 
 #pragma once
 
@@ -58,20 +57,6 @@ struct Modulation {
 
   bool empty() const { return base == nullptr && end == begin; }
 };
-
-// Two AVX-512 registers of float (one of double): enough independent accumulators
-// to hide the multiply-add latency, few enough to leave registers for the rest.
-template <typename T>
-constexpr int64_t kBlock = 128 / sizeof(T);
-
-template <typename T, typename Body>
-inline void for_each_block(int64_t C, const Body& body) {
-  int64_t c0 = 0;
-  for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) {
-    body(c0, std::integral_constant<int64_t, kBlock<T>>{});
-  }
-  if (c0 < C) body(c0, C - c0);
-}
 
 // The factors of a list of (masks, table) tensors, checked against [B,N,C] and made
 // contiguous; `storage` keeps the contiguous copies alive.
@@ -116,50 +101,55 @@ const T* make_dense(const char* op, const char* name, const std::optional<at::Te
   return storage.back().const_data_ptr<T>();
 }
 
-// f[w] = sum_i weights[i * N] * rows[i * C + w], one block of one token's mixture.
-template <typename T, typename Width>
+// f = sum_i weights[i * N] * rows[i * C + ...], one block of one token's mixture.
+template <typename T, typename Block>
 inline void mix_block(const T* weights, int64_t N, const T* __restrict__ rows, int64_t K,
-                      int64_t C, Width width, T* __restrict__ f) {
+                      int64_t C, Block blk, typename Block::Unit* __restrict__ f) {
+  using U = typename Block::Unit;
   const T w0 = weights[0];
-  for (int64_t w = 0; w < width; ++w) f[w] = w0 * rows[w];
+  for (int64_t u = 0; u < blk.units; ++u) f[u] = w0 * load<U>(rows + u * Block::kStride);
   for (int64_t i = 1; i < K; ++i) {
     const T wi = weights[i * N];
     const T* __restrict__ row = rows + i * C;
-    for (int64_t w = 0; w < width; ++w) f[w] += wi * row[w];
+    for (int64_t u = 0; u < blk.units; ++u) f[u] += wi * load<U>(row + u * Block::kStride);
   }
 }
 
-// mod = this token's modulation, for `m` with at least one factor. With `values` non-null, each
-// factor's mixture is kept in values[(j - m.begin) * C ...] for the backward. `mod`
-// may be the token's base row itself (mask_fusion_ updates in place): each block
-// reads its base values before it writes them.
+// acc = the product of the factors of `m` (at least one) over the block of channels
+// from c0 of token (b, n), without its base. With `values` non-null, each factor's
+// mixture is kept in values[(j - m.begin) * C + c0 ...] for the backward.
+template <typename T, typename Block>
+inline void factor_product_block(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
+                                 int64_t b, int64_t n, int64_t N, int64_t C, int64_t c0,
+                                 Block blk, T* __restrict__ values,
+                                 typename Block::Unit* __restrict__ acc) {
+  using U = typename Block::Unit;
+  for (int64_t j = m.begin; j < m.end; ++j) {
+    const Factor<T>& fac = factors[j];
+    U f[Block::kCapacity];
+    mix_block(fac.weights(b, n, N), N, fac.rows(b, C) + c0, fac.slots, C, blk, f);
+    for (int64_t u = 0; u < blk.units; ++u) {
+      if (values != nullptr) store(values + (j - m.begin) * C + c0 + u * Block::kStride, f[u]);
+      acc[u] = j == m.begin ? f[u] : acc[u] * f[u];
+    }
+  }
+}
+
+// mod = this token's modulation, for `m` with at least one factor (values: as
+// factor_product_block). `mod` may be the token's base row itself (mask_fusion_
+// updates in place): each block reads its base values before it writes them.
 template <typename T>
 inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T>& m, int64_t b,
                        int64_t n, int64_t N, int64_t C, T* __restrict__ values, T* mod) {
   const T* base = m.base != nullptr ? m.base + (b * N + n) * C : nullptr;
-  for_each_block<T>(C, [&](int64_t c0, auto width) {
-    // The block's product stays in registers: no copy of the base into a local
-    // array first (gcc turned that into narrower moves, and reloading them whole
-    // stalled on store forwarding: a fifth of the pass).
-    T acc[kBlock<T>];
-    T f[kBlock<T>];
-    for (int64_t j = m.begin; j < m.end; ++j) {
-      const Factor<T>& fac = factors[j];
-      mix_block(fac.weights(b, n, N), N, fac.rows(b, C) + c0, fac.slots, C, width,
-                j == m.begin ? acc : f);
-      if (values != nullptr) {
-        const T* mixed = j == m.begin ? acc : f;
-        T* keep = values + (j - m.begin) * C + c0;
-        for (int64_t w = 0; w < width; ++w) keep[w] = mixed[w];
-      }
-      if (j != m.begin) {
-        for (int64_t w = 0; w < width; ++w) acc[w] *= f[w];
-      }
-    }
-    if (base != nullptr) {
-      for (int64_t w = 0; w < width; ++w) mod[c0 + w] = acc[w] * base[c0 + w];
-    } else {
-      for (int64_t w = 0; w < width; ++w) mod[c0 + w] = acc[w];
+  for_each_block<T>(C, [&](int64_t c0, auto blk) {
+    using Block = decltype(blk);
+    using U = typename Block::Unit;
+    U acc[Block::kCapacity];
+    factor_product_block(factors, m, b, n, N, C, c0, blk, values, acc);
+    for (int64_t u = 0; u < blk.units; ++u) {
+      const int64_t c = c0 + u * Block::kStride;
+      store(mod + c, base != nullptr ? acc[u] * load<U>(base + c) : acc[u]);
     }
   });
 }

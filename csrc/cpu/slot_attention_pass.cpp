@@ -76,12 +76,20 @@ struct Pass {
   std::vector<Modulation<T>> stages;  // [D]
 };
 
+// LayerNorm statistics of a token's k and v rows at one stage. Stored per token
+// and stage as 4 values (the op's `stats` output), so that later passes through
+// the same stage (a level's next iterations, its descendants' passes) skip them.
+template <typename T>
+struct NormStats {
+  T mean_k, rstd_k, mean_v, rstd_v;
+};
+
 // Per-thread scratch: the chain of one token (kept for the backward).
 template <typename T>
 struct Scratch {
   int64_t C;
   std::vector<T> h_k, h_v;          // [D,C] normalised inputs of each stage (backward)
-  std::vector<T> rstd_k, rstd_v;    // [D] (backward)
+  std::vector<NormStats<T>> stats;  // [D] (backward)
   std::vector<T> mod;               // [D,C] stage modulations made of factors
   std::vector<const T*> mod_rows;   // [D] each stage's modulation: in `mod`, its base
                                     // row itself (no factors), or null (neither)
@@ -91,18 +99,10 @@ struct Scratch {
 
   Scratch(const Pass<T>& p)
       : C(p.channels),
-        h_k(p.depth * C), h_v(p.depth * C), rstd_k(p.depth), rstd_v(p.depth),
+        h_k(p.depth * C), h_v(p.depth * C), stats(p.depth),
         mod(p.depth * C), mod_rows(p.depth), values(std::max<size_t>(p.factors.size(), 1) * C),
         k(C), v(C),
         probs(p.slots) {}
-};
-
-// LayerNorm statistics of a token's k and v rows at one stage. Stored per token
-// and stage as 4 values (the op's `stats` output), so that later passes through
-// the same stage (a level's next iterations, its descendants' passes) skip them.
-template <typename T>
-struct NormStats {
-  T mean_k, rstd_k, mean_v, rstd_v;
 };
 
 // Both rows' statistics in one pass over them: sums of x - x[0] and of its
@@ -143,71 +143,96 @@ inline NormStats<T> norm_stats(const T* __restrict__ xk, const T* __restrict__ x
   return st;
 }
 
-// x_out = ((x - mean) * rstd * weight + bias) * mod (mod may be null); with
-// Keep, also h = (x - mean) * rstd for the backward.
-template <bool Keep, typename T>
-inline void norm_affine(const T* __restrict__ x, T mean, T rstd, const T* __restrict__ weight,
-                        const T* __restrict__ bias, const T* __restrict__ mod, int64_t C,
-                        T* __restrict__ h, T* __restrict__ x_out) {
-  if (mod != nullptr) {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const T hc = (x[c] - mean) * rstd;
-      if constexpr (Keep) h[c] = hc;
-      x_out[c] = (hc * weight[c] + bias[c]) * mod[c];
+// Stages [d0, d1) of one block of channels (from c0) of a token's chain, from the
+// rows xk, xv (the input of stage d0) to k_out, v_out (which may be xk, xv: a
+// block is read before it is written). The block's k, v and modulation stay in
+// registers from stage to stage; every stage's statistics are known. With Keep,
+// also h_d, the modulation rows and the factors' mixtures for the backward.
+template <bool Keep, typename T, typename Block>
+inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<T>* st,
+                        int64_t d0, int64_t d1, int64_t c0, Block blk, const T* xk,
+                        const T* xv, Scratch<T>& s, T* k_out, T* v_out) {
+  using U = typename Block::Unit;
+  constexpr int64_t S = Block::kStride;
+  const int64_t C = p.channels, N = p.tokens;
+  U k[Block::kCapacity], v[Block::kCapacity], mod[Block::kCapacity];
+  for (int64_t u = 0; u < blk.units; ++u) {
+    k[u] = load<U>(xk + c0 + u * S);
+    v[u] = load<U>(xv + c0 + u * S);
+  }
+  for (int64_t d = d0; d < d1; ++d) {
+    const NormStats<T> sd = st[d];
+    const int64_t at = d * C + c0;
+    for (int64_t u = 0; u < blk.units; ++u) {
+      const U hk = (k[u] - sd.mean_k) * sd.rstd_k, hv = (v[u] - sd.mean_v) * sd.rstd_v;
+      if constexpr (Keep) {
+        store(s.h_k.data() + at + u * S, hk);
+        store(s.h_v.data() + at + u * S, hv);
+      }
+      k[u] = hk * load<U>(p.norm_k_weight + at + u * S) + load<U>(p.norm_k_bias + at + u * S);
+      v[u] = hv * load<U>(p.norm_v_weight + at + u * S) + load<U>(p.norm_v_bias + at + u * S);
     }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const T hc = (x[c] - mean) * rstd;
-      if constexpr (Keep) h[c] = hc;
-      x_out[c] = hc * weight[c] + bias[c];
+    const Modulation<T>& m = p.stages[d];
+    const T* base = m.base != nullptr ? m.base + (b * N + n) * C + c0 : nullptr;
+    if (m.end > m.begin) {
+      factor_product_block(p.factors, m, b, n, N, C, c0, blk,
+                           Keep ? s.values.data() + m.begin * C : nullptr, mod);
+      for (int64_t u = 0; u < blk.units; ++u) {
+        if (base != nullptr) mod[u] *= load<U>(base + u * S);
+        if constexpr (Keep) store(s.mod.data() + at + u * S, mod[u]);
+        k[u] *= mod[u];
+        v[u] *= mod[u];
+      }
+    } else if (base != nullptr) {
+      for (int64_t u = 0; u < blk.units; ++u) {
+        const U m_u = load<U>(base + u * S);
+        k[u] *= m_u;
+        v[u] *= m_u;
+      }
     }
+  }
+  for (int64_t u = 0; u < blk.units; ++u) {
+    store(k_out + c0 + u * S, k[u]);
+    store(v_out + c0 + u * S, v[u]);
   }
 }
 
-// Runs the token's chain into k_out, v_out ([C] each). The forward (Keep = false) takes the
-// statistics of the first known_stages stages from the pass and writes every
-// stage's to `stats_out` ([D] entries); the backward (Keep = true) recomputes all
-// of them, so its result never depends on the cache, and keeps what it needs.
+// Runs the token's chain into k_out, v_out ([C] each). A stage whose statistics are
+// not known takes them from its input rows, which the stages before it must have
+// written first; the stages from there up to the next unknown one run block by
+// block in registers. The forward (Keep = false) takes the statistics of the first
+// known_stages stages from the pass and writes every stage's to `st` ([D]
+// entries); the backward (Keep = true) recomputes all of them, so its result never
+// depends on the cache, and keeps what it needs.
 template <bool Keep, typename T>
-inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s,
-                      NormStats<T>* stats_out, T* k_out, T* v_out) {
+inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, NormStats<T>* st,
+                      T* k_out, T* v_out) {
   const int64_t C = p.channels, N = p.tokens, D = p.depth;
   const int64_t row = b * N + n;
+  const int64_t known = Keep ? 0 : p.known_stages;
   const T* xk = p.k_in + row * C;
   const T* xv = p.v_in + row * C;
-  for (int64_t d = 0; d < D; ++d) {
-    NormStats<T> st;
-    if (!Keep && d < p.known_stages) {
-      const T* known = p.known_stats + (row * p.known_stages + d) * 4;
-      st = {known[0], known[1], known[2], known[3]};
-    } else {
-      st = norm_stats(xk, xv, C, p.norm_eps);
-    }
-    if constexpr (Keep) {
-      s.rstd_k[d] = st.rstd_k;
-      s.rstd_v[d] = st.rstd_v;
-    } else {
-      stats_out[d] = st;
-    }
-    const Modulation<T>& m = p.stages[d];
-    const T* mod = nullptr;
-    if (m.end > m.begin) {
-      T* product = s.mod.data() + d * C;
-      modulation(p.factors, m, b, n, N, C, Keep ? s.values.data() + m.begin * C : nullptr,
-                 product);
-      mod = product;
-    } else if (m.base != nullptr) {
-      mod = m.base + row * C;
-    }
-    s.mod_rows[d] = mod;
-    norm_affine<Keep>(xk, st.mean_k, st.rstd_k, p.norm_k_weight + d * C, p.norm_k_bias + d * C,
-                      mod, C, s.h_k.data() + d * C, k_out);
-    norm_affine<Keep>(xv, st.mean_v, st.rstd_v, p.norm_v_weight + d * C, p.norm_v_bias + d * C,
-                      mod, C, s.h_v.data() + d * C, v_out);
+  for (int64_t d = 0; d < known; ++d) {
+    const T* cached = p.known_stats + (row * known + d) * 4;
+    st[d] = {cached[0], cached[1], cached[2], cached[3]};
+  }
+  for (int64_t d0 = 0; d0 < D;) {
+    if (d0 >= known) st[d0] = norm_stats(xk, xv, C, p.norm_eps);
+    const int64_t d1 = d0 < known ? known : d0 + 1;
+    for_each_block<T>(C, [&](int64_t c0, auto blk) {
+      chain_block<Keep>(p, b, n, st, d0, d1, c0, blk, xk, xv, s, k_out, v_out);
+    });
     xk = k_out;
     xv = v_out;
+    d0 = d1;
+  }
+  if constexpr (Keep) {
+    for (int64_t d = 0; d < D; ++d) {
+      const Modulation<T>& m = p.stages[d];
+      s.mod_rows[d] = m.end > m.begin ? s.mod.data() + d * C
+                      : m.base != nullptr ? m.base + row * C
+                                          : nullptr;
+    }
   }
 }
 
@@ -235,26 +260,27 @@ inline T exp_nonpositive(T x) {
   return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
 }
 
-// logits[r, :K] <- softmax over the K slots of each of `rows` rows (row stride
-// `stride` >= K; entries past K become 0).
-template <typename T>
-inline void softmax_rows(T* __restrict__ logits, int64_t rows, int64_t K, int64_t stride) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* x = logits + r * stride;
-    T top = x[0];
-    for (int64_t i = 1; i < K; ++i) top = std::max(top, x[i]);
-    for (int64_t i = 0; i < stride; ++i) x[i] = i < K ? x[i] - top : T(0);
+// x[i * Width + t] <- softmax over the K slots i of each of the Width columns t
+// (tokens: with the slots as rows, every step is a vector op over the tokens).
+template <int64_t Width, typename T>
+inline void softmax_columns(T* __restrict__ x, int64_t K) {
+  T top[Width], total[Width];
+  for (int64_t t = 0; t < Width; ++t) top[t] = x[t];
+  for (int64_t i = 1; i < K; ++i) {
+    for (int64_t t = 0; t < Width; ++t) top[t] = std::max(top[t], x[i * Width + t]);
   }
-  // One loop over all rows, so that it vectorises even for a handful of slots.
+  for (int64_t t = 0; t < Width; ++t) total[t] = T(0);
+  for (int64_t i = 0; i < K; ++i) {
 #pragma omp simd
-  for (int64_t e = 0; e < rows * stride; ++e) logits[e] = exp_nonpositive(logits[e]);
-  for (int64_t r = 0; r < rows; ++r) {
-    T* x = logits + r * stride;
-    T total = 0;
-    for (int64_t i = 0; i < K; ++i) total += x[i];
-    const T inv = T(1) / total;
-    for (int64_t i = 0; i < K; ++i) x[i] *= inv;
-    for (int64_t i = K; i < stride; ++i) x[i] = T(0);
+    for (int64_t t = 0; t < Width; ++t) {
+      const T e = exp_nonpositive(x[i * Width + t] - top[t]);
+      x[i * Width + t] = e;
+      total[t] += e;
+    }
+  }
+  for (int64_t t = 0; t < Width; ++t) total[t] = T(1) / total[t];
+  for (int64_t i = 0; i < K; ++i) {
+    for (int64_t t = 0; t < Width; ++t) x[i * Width + t] *= total[t];
   }
 }
 
@@ -264,14 +290,14 @@ inline void slot_softmax(const Pass<T>& p, int64_t b, Scratch<T>& s) {
   const int64_t C = p.channels, K = p.slots;
   const T* q = p.queries + b * K * C;
   for (int64_t i = 0; i < K; ++i) s.probs[i] = dot(q + i * C, s.k.data(), C);
-  softmax_rows(s.probs.data(), 1, K, K);
+  softmax_columns<1>(s.probs.data(), K);
 }
 
 // ---------------------------------------------------------------- forward
 
 // The forward takes the tokens of a chunk in tiles of kTile. The chain runs token
-// by token (into s.k and a row of the tile's v), then the tile's softmax runs as
-// one vectorised exp over its kTile x K logits, and its A * v sums as a small
+// by token (into s.k and a row of the tile's v), then the tile's softmax runs
+// vectorised over its tokens (logits stored slot-major), and its A * v sums as a small
 // matrix product: kSlotGroup slots against one vector of channels, accumulated in
 // registers over the tile's tokens, so that a row of the chunk's partial is loaded
 // and stored once per tile rather than once per token.
@@ -281,7 +307,7 @@ constexpr int64_t kSlotGroup = 4;
 template <typename T>
 struct Tile {
   int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup, two vectors
-  std::vector<T> attn;                  // [kTile, slot_stride]: logits, then A (0 past K)
+  std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A (0 past K)
   std::vector<T> v;                     // [kTile, channel_stride] (0 past C)
 
   explicit Tile(const Pass<T>& p)
@@ -305,11 +331,10 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
     for (int64_t c0 = 0; c0 < C; c0 += W) {
       T acc[kSlotGroup][W] = {};
       for (int64_t t = 0; t < count; ++t) {
-        const T* a_t = a + t * tile.slot_stride + i0;
         const T* v_t = v + t * tile.channel_stride + c0;
         for (int64_t g = 0; g < kSlotGroup; ++g) {
 #pragma omp simd
-          for (int64_t w = 0; w < W; ++w) acc[g][w] += a_t[g] * v_t[w];
+          for (int64_t w = 0; w < W; ++w) acc[g][w] += a[(i0 + g) * kTile + t] * v_t[w];
         }
       }
       const int64_t width = std::min(W, C - c0);
@@ -345,15 +370,14 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           run_chain<false>(p, b, n, s,
                            reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
                            s.k.data(), tile.v.data() + t * tile.channel_stride);
-          T* logits = tile.attn.data() + t * tile.slot_stride;
-          for (int64_t i = 0; i < K; ++i) logits[i] = dot(q + i * C, s.k.data(), C);
+          for (int64_t i = 0; i < K; ++i) tile.attn[i * kTile + t] = dot(q + i * C, s.k.data(), C);
         }
-        softmax_rows(tile.attn.data(), count, K, tile.slot_stride);
+        softmax_columns<kTile>(tile.attn.data(), K);
         for (int64_t i = 0; i < K; ++i) {
           T* attn_row = attn + (b * K + i) * N + n0;
           for (int64_t t = 0; t < count; ++t) {
-            const T a = tile.attn[t * tile.slot_stride + i] + p.attn_eps;
-            tile.attn[t * tile.slot_stride + i] = a;
+            const T a = tile.attn[i * kTile + t] + p.attn_eps;
+            tile.attn[i * kTile + t] = a;
             attn_row[t] = a;
             sum_partial[i] += a;
           }
@@ -434,7 +458,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
       const T* q = p.queries + b * K * C;
       const T* gv_b = g_v + b * K * C;
       for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
-        run_chain<true>(p, b, n, s, static_cast<NormStats<T>*>(nullptr), s.k.data(),
+        run_chain<true>(p, b, n, s, s.stats.data(), s.k.data(),
                         s.v.data());
         slot_softmax(p, b, s);
         T* __restrict__ gk = grad_k_in + (b * N + n) * C;
@@ -488,8 +512,8 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
                                 table_partials.data(), scratch);
           }
           T* gnorm = norm_partial + d * C;
-          affine_norm_backward(hk, s.rstd_k[d], wk, C, gk, gnorm, gnorm + D * C);
-          affine_norm_backward(hv, s.rstd_v[d], wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
+          affine_norm_backward(hk, s.stats[d].rstd_k, wk, C, gk, gnorm, gnorm + D * C);
+          affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
         }
       }
     }
