@@ -236,6 +236,18 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, Nor
   }
 }
 
+// 1/k! for k = 0 .. Terms.
+template <typename T, int Terms>
+constexpr std::array<T, Terms + 1> inverse_factorials() {
+  std::array<T, Terms + 1> c{};
+  double f = 1;
+  for (int k = 0; k <= Terms; ++k) {
+    if (k > 1) f *= k;
+    c[k] = static_cast<T>(1 / f);
+  }
+  return c;
+}
+
 // exp(x) for the softmax's arguments x <= 0, in a form a loop over many of them
 // vectorises (libm's expf is a call per value): x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by its Taylor series up to r^7/7! for float and r^13/13! for double
@@ -255,8 +267,11 @@ inline T exp_nonpositive(T x) {
   x = std::max(x, T(std::numeric_limits<T>::min_exponent - 1) / kLog2e);
   const T n = (x * kLog2e + kRound) - kRound;
   const T r = (x - n * kLn2Hi) - n * kLn2Lo;
-  T poly = T(1);
-  for (int k = kTerms; k >= 1; --k) poly = T(1) + poly * r / T(k);
+  // Horner's rule on the coefficients 1/k! (a division per term would cost a
+  // vdivps each, 16 cycles per vector).
+  constexpr std::array<T, kTerms + 1> kCoefficients = inverse_factorials<T, kTerms>();
+  T poly = kCoefficients[kTerms];
+  for (int k = kTerms - 1; k >= 0; --k) poly = poly * r + kCoefficients[k];
   return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
 }
 
@@ -284,23 +299,24 @@ inline void softmax_columns(T* __restrict__ x, int64_t K) {
   }
 }
 
-// s.probs = softmax over slots of q_i . k for the token in s.k.
+// s.probs = softmax over slots of q_i . k for a token's k.
 template <typename T>
-inline void slot_softmax(const Pass<T>& p, int64_t b, Scratch<T>& s) {
+inline void slot_softmax(const Pass<T>& p, int64_t b, const T* k, Scratch<T>& s) {
   const int64_t C = p.channels, K = p.slots;
   const T* q = p.queries + b * K * C;
-  for (int64_t i = 0; i < K; ++i) s.probs[i] = dot(q + i * C, s.k.data(), C);
+  for (int64_t i = 0; i < K; ++i) s.probs[i] = dot(q + i * C, k, C);
   softmax_columns<1>(s.probs.data(), K);
 }
 
 // ---------------------------------------------------------------- forward
 
-// The forward takes the tokens of a chunk in tiles of kTile. The chain runs token
-// by token (into s.k and a row of the tile's v), then the tile's softmax runs
-// vectorised over its tokens (logits stored slot-major), and its A * v sums as a small
-// matrix product: kSlotGroup slots against one vector of channels, accumulated in
-// registers over the tile's tokens, so that a row of the chunk's partial is loaded
-// and stored once per tile rather than once per token.
+// Both passes take the tokens of a chunk in tiles of kTile. In the forward the
+// chain runs token by token (into s.k and a row of the tile's rows, v), then the
+// tile's softmax runs vectorised over its tokens (logits stored slot-major), and
+// its A * v sums as a small matrix product: kSlotGroup slots against one vector of
+// channels, accumulated in registers over the tile's tokens, so that a row of the
+// chunk's partial is loaded and stored once per tile rather than once per token.
+// The backward sums the query gradient gl * k the same way.
 constexpr int64_t kTile = 16;
 constexpr int64_t kSlotGroup = 4;
 
@@ -308,25 +324,26 @@ template <typename T>
 struct Tile {
   int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup, two vectors
   std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A (0 past K)
-  std::vector<T> v;                     // [kTile, channel_stride] (0 past C)
+  std::vector<T> rows;                  // [kTile, channel_stride] (0 past C): the tokens'
+                                        // v in the forward, their k in the backward
 
   explicit Tile(const Pass<T>& p)
       : slot_stride((p.slots + kSlotGroup - 1) / kSlotGroup * kSlotGroup),
         channel_stride((p.channels + 2 * kVectorLanes<T> - 1) / (2 * kVectorLanes<T>) *
                        (2 * kVectorLanes<T>)),
         attn(kTile * slot_stride, T(0)),
-        v(kTile * channel_stride, T(0)) {}
+        rows(kTile * channel_stride, T(0)) {}
 };
 
-// v_partial[i, :] += sum over the tile's `count` tokens t of a[t, i] * v[t, :].
+// partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :].
 // A block of kSlotGroup slots x two vectors of channels keeps eight independent
 // accumulators in registers, enough to hide the latency of their FMAs.
 template <typename T>
 inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
-                               T* __restrict__ v_partial) {
+                               T* __restrict__ partial) {
   constexpr int64_t W = 2 * kVectorLanes<T>;
   const T* __restrict__ a = tile.attn.data();
-  const T* __restrict__ v = tile.v.data();
+  const T* __restrict__ v = tile.rows.data();
   for (int64_t i0 = 0; i0 < K; i0 += kSlotGroup) {
     for (int64_t c0 = 0; c0 < C; c0 += W) {
       T acc[kSlotGroup][W] = {};
@@ -339,7 +356,7 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
       }
       const int64_t width = std::min(W, C - c0);
       for (int64_t g = 0; g < std::min(kSlotGroup, K - i0); ++g) {
-        T* __restrict__ dst = v_partial + (i0 + g) * C + c0;
+        T* __restrict__ dst = partial + (i0 + g) * C + c0;
         for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
       }
     }
@@ -369,7 +386,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           const int64_t n = n0 + t;
           run_chain<false>(p, b, n, s,
                            reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
-                           s.k.data(), tile.v.data() + t * tile.channel_stride);
+                           s.k.data(), tile.rows.data() + t * tile.channel_stride);
           for (int64_t i = 0; i < K; ++i) tile.attn[i * kTile + t] = dot(q + i * C, s.k.data(), C);
         }
         softmax_columns<kTile>(tile.attn.data(), K);
@@ -445,6 +462,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 #pragma omp parallel if (parallel)
   {
     Scratch<T> s(p);
+    Tile<T> tile(p);
     std::vector<T> g_a(K), g_mod(C);
     ModulationScratch<T> scratch(J, C);
     std::vector<T*> table_partials(J);
@@ -457,64 +475,76 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
       for (int64_t j = 0; j < J; ++j) table_partials[j] = partial + layout.tables[j];
       const T* q = p.queries + b * K * C;
       const T* gv_b = g_v + b * K * C;
-      for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
-        run_chain<true>(p, b, n, s, s.stats.data(), s.k.data(),
-                        s.v.data());
-        slot_softmax(p, b, s);
-        T* __restrict__ gk = grad_k_in + (b * N + n) * C;
-        T* __restrict__ gv = grad_v_in + (b * N + n) * C;
-        const T* __restrict__ k = s.k.data();
-        const T* __restrict__ v = s.v.data();
+      for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
+        const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t n = n0 + t;
+          T* k = tile.rows.data() + t * tile.channel_stride;
+          run_chain<true>(p, b, n, s, s.stats.data(), k, s.v.data());
+          slot_softmax(p, b, k, s);
+          T* __restrict__ gk = grad_k_in + (b * N + n) * C;
+          T* __restrict__ gv = grad_v_in + (b * N + n) * C;
+          const T* __restrict__ v = s.v.data();
 
-        // Through the softmax.
-        T weighted = 0;
-        for (int64_t i = 0; i < K; ++i) {
-          g_a[i] = g_attn[(b * K + i) * N + n] + g_sum[b * K + i] + dot(gv_b + i * C, v, C);
-          weighted += s.probs[i] * g_a[i];
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gk[c] = gv[c] = T(0);
-        for (int64_t i = 0; i < K; ++i) {
-          const T gl = s.probs[i] * (g_a[i] - weighted);
-          const T a = s.probs[i] + p.attn_eps;
-          const T* __restrict__ qi = q + i * C;
-          const T* __restrict__ gvi = gv_b + i * C;
-          T* __restrict__ gqi = gq_partial + i * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            gk[c] += gl * qi[c];
-            gqi[c] += gl * k[c];
-            gv[c] += a * gvi[c];
+          // Through the softmax: g_a becomes the logits' gradient gl, kept in the tile
+          // for the query gradient (a product over the tile's tokens, below).
+          T weighted = 0;
+          for (int64_t i = 0; i < K; ++i) {
+            g_a[i] = g_attn[(b * K + i) * N + n] + g_sum[b * K + i] + dot(gv_b + i * C, v, C);
+            weighted += s.probs[i] * g_a[i];
           }
-        }
-
-        // Back through the chain, last stage first; gk, gv hold the gradients of
-        // x_d and end as those of k_in, v_in.
-        for (int64_t d = D - 1; d >= 0; --d) {
-          const T* hk = s.h_k.data() + d * C;
-          const T* hv = s.h_v.data() + d * C;
-          const T* wk = p.norm_k_weight + d * C;
-          const T* bk = p.norm_k_bias + d * C;
-          const T* wv = p.norm_v_weight + d * C;
-          const T* bv = p.norm_v_bias + d * C;
-          const Modulation<T>& m = p.stages[d];
-          if (!m.empty()) {
-            const T* __restrict__ mod = s.mod_rows[d];
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              g_mod[c] = gk[c] * (hk[c] * wk[c] + bk[c]) + gv[c] * (hv[c] * wv[c] + bv[c]);
-              gk[c] *= mod[c];
-              gv[c] *= mod[c];
+          for (int64_t i = 0; i < K; ++i) {
+            g_a[i] = s.probs[i] * (g_a[i] - weighted);
+            tile.attn[i * kTile + t] = g_a[i];
+          }
+          for_each_block<T>(C, [&](int64_t c0, auto blk) {
+            using Block = decltype(blk);
+            using U = typename Block::Unit;
+            constexpr int64_t S = Block::kStride;
+            U gk_sum[Block::kCapacity], gv_sum[Block::kCapacity];
+            for (int64_t u = 0; u < blk.units; ++u) gk_sum[u] = gv_sum[u] = U{};
+            for (int64_t i = 0; i < K; ++i) {
+              const T gl = g_a[i], a = s.probs[i] + p.attn_eps;
+              for (int64_t u = 0; u < blk.units; ++u) {
+                gk_sum[u] += gl * load<U>(q + i * C + c0 + u * S);
+                gv_sum[u] += a * load<U>(gv_b + i * C + c0 + u * S);
+              }
             }
-            T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
-            modulation_backward(p.factors, m, b, n, N, C, s.values.data() + m.begin * C,
-                                g_mod.data(), g_base, grad_mask_ptrs.data(),
-                                table_partials.data(), scratch);
+            for (int64_t u = 0; u < blk.units; ++u) {
+              store(gk + c0 + u * S, gk_sum[u]);
+              store(gv + c0 + u * S, gv_sum[u]);
+            }
+          });
+
+          // Back through the chain, last stage first; gk, gv hold the gradients of
+          // x_d and end as those of k_in, v_in.
+          for (int64_t d = D - 1; d >= 0; --d) {
+            const T* hk = s.h_k.data() + d * C;
+            const T* hv = s.h_v.data() + d * C;
+            const T* wk = p.norm_k_weight + d * C;
+            const T* bk = p.norm_k_bias + d * C;
+            const T* wv = p.norm_v_weight + d * C;
+            const T* bv = p.norm_v_bias + d * C;
+            const Modulation<T>& m = p.stages[d];
+            if (!m.empty()) {
+              const T* __restrict__ mod = s.mod_rows[d];
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) {
+                g_mod[c] = gk[c] * (hk[c] * wk[c] + bk[c]) + gv[c] * (hv[c] * wv[c] + bv[c]);
+                gk[c] *= mod[c];
+                gv[c] *= mod[c];
+              }
+              T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
+              modulation_backward(p.factors, m, b, n, N, C, s.values.data() + m.begin * C,
+                                  g_mod.data(), g_base, grad_mask_ptrs.data(),
+                                  table_partials.data(), scratch);
+            }
+            T* gnorm = norm_partial + d * C;
+            affine_norm_backward(hk, s.stats[d].rstd_k, wk, C, gk, gnorm, gnorm + D * C);
+            affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
           }
-          T* gnorm = norm_partial + d * C;
-          affine_norm_backward(hk, s.stats[d].rstd_k, wk, C, gk, gnorm, gnorm + D * C);
-          affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
         }
+        tile_weighted_sums(tile, count, K, C, gq_partial);
       }
     }
   }
