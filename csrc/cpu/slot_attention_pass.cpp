@@ -32,7 +32,9 @@
 //
 // Memory layout: k_in, v_in [B,N,C] and the gradients of that shape are contiguous
 // rows of C values per token; norm weights [D,C]; queries [B,K,C]; attn [B,K,N].
-// The per-token chain lives in per-thread scratch of a few D*C values (L1).
+// The per-token chain runs one block of channels at a time through every stage in
+// registers (chain_block); its output rows, and in the backward the rows it keeps,
+// live in per-thread scratch of a few D*C values (L1).
 //
 // Parallelisation and determinism: OpenMP over the token chunks of common.h; the
 // sums over tokens (attn_sum, attn_v; in the backward the query, norm and table
