@@ -115,14 +115,14 @@ inline void mix_block(const T* weights, int64_t N, const T* __restrict__ rows, i
   }
 }
 
-// acc = the product of the factors of `m` (at least one) over the block of channels
-// from c0 of token (b, n), without its base. With `values` non-null, each factor's
-// mixture is kept in values[(j - m.begin) * C + c0 ...] for the backward.
+// mod = the block of channels from c0 of token (b, n)'s modulation `m` (at least
+// one factor): the product of its factors, times its base row if it has one. With
+// `values` non-null, each factor's mixture is kept in
+// values[(j - m.begin) * C + c0 ...] for the backward.
 template <typename T, typename Block>
-inline void factor_product_block(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
-                                 int64_t b, int64_t n, int64_t N, int64_t C, int64_t c0,
-                                 Block blk, T* __restrict__ values,
-                                 typename Block::Unit* __restrict__ acc) {
+inline void modulation_block(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
+                             int64_t b, int64_t n, int64_t N, int64_t C, int64_t c0, Block blk,
+                             T* __restrict__ values, typename Block::Unit* __restrict__ mod) {
   using U = typename Block::Unit;
   for (int64_t j = m.begin; j < m.end; ++j) {
     const Factor<T>& fac = factors[j];
@@ -130,27 +130,26 @@ inline void factor_product_block(const std::vector<Factor<T>>& factors, const Mo
     mix_block(fac.weights(b, n, N), N, fac.rows(b, C) + c0, fac.slots, C, blk, f);
     for (int64_t u = 0; u < blk.units; ++u) {
       if (values != nullptr) store(values + (j - m.begin) * C + c0 + u * Block::kStride, f[u]);
-      acc[u] = j == m.begin ? f[u] : acc[u] * f[u];
+      mod[u] = j == m.begin ? f[u] : mod[u] * f[u];
     }
+  }
+  if (m.base != nullptr) {
+    const T* base = m.base + (b * N + n) * C + c0;
+    for (int64_t u = 0; u < blk.units; ++u) mod[u] *= load<U>(base + u * Block::kStride);
   }
 }
 
 // mod = this token's modulation, for `m` with at least one factor (values: as
-// factor_product_block). `mod` may be the token's base row itself (mask_fusion_
+// modulation_block). `mod` may be the token's base row itself (mask_fusion_
 // updates in place): each block reads its base values before it writes them.
 template <typename T>
 inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T>& m, int64_t b,
                        int64_t n, int64_t N, int64_t C, T* __restrict__ values, T* mod) {
-  const T* base = m.base != nullptr ? m.base + (b * N + n) * C : nullptr;
   for_each_block<T>(C, [&](int64_t c0, auto blk) {
     using Block = decltype(blk);
-    using U = typename Block::Unit;
-    U acc[Block::kCapacity];
-    factor_product_block(factors, m, b, n, N, C, c0, blk, values, acc);
-    for (int64_t u = 0; u < blk.units; ++u) {
-      const int64_t c = c0 + u * Block::kStride;
-      store(mod + c, base != nullptr ? acc[u] * load<U>(base + c) : acc[u]);
-    }
+    typename Block::Unit block_mod[Block::kCapacity];
+    modulation_block(factors, m, b, n, N, C, c0, blk, values, block_mod);
+    for (int64_t u = 0; u < blk.units; ++u) store(mod + c0 + u * Block::kStride, block_mod[u]);
   });
 }
 

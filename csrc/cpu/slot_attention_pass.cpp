@@ -175,17 +175,16 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
       v[u] = hv * load<U>(p.norm_v_weight + at + u * S) + load<U>(p.norm_v_bias + at + u * S);
     }
     const Modulation<T>& m = p.stages[d];
-    const T* base = m.base != nullptr ? m.base + (b * N + n) * C + c0 : nullptr;
     if (m.end > m.begin) {
-      factor_product_block(p.factors, m, b, n, N, C, c0, blk,
-                           Keep ? s.values.data() + m.begin * C : nullptr, mod);
+      modulation_block(p.factors, m, b, n, N, C, c0, blk,
+                       Keep ? s.values.data() + m.begin * C : nullptr, mod);
       for (int64_t u = 0; u < blk.units; ++u) {
-        if (base != nullptr) mod[u] *= load<U>(base + u * S);
         if constexpr (Keep) store(s.mod.data() + at + u * S, mod[u]);
         k[u] *= mod[u];
         v[u] *= mod[u];
       }
-    } else if (base != nullptr) {
+    } else if (m.base != nullptr) {
+      const T* base = m.base + (b * N + n) * C + c0;
       for (int64_t u = 0; u < blk.units; ++u) {
         const U m_u = load<U>(base + u * S);
         k[u] *= m_u;
@@ -324,15 +323,14 @@ constexpr int64_t kSlotGroup = 4;
 
 template <typename T>
 struct Tile {
-  int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup, two vectors
+  int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup and kBlock
   std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A (0 past K)
   std::vector<T> rows;                  // [kTile, channel_stride] (0 past C): the tokens'
                                         // v in the forward, their k in the backward
 
   explicit Tile(const Pass<T>& p)
       : slot_stride((p.slots + kSlotGroup - 1) / kSlotGroup * kSlotGroup),
-        channel_stride((p.channels + 2 * kVectorLanes<T> - 1) / (2 * kVectorLanes<T>) *
-                       (2 * kVectorLanes<T>)),
+        channel_stride((p.channels + kBlock<T> - 1) / kBlock<T> * kBlock<T>),
         attn(kTile * slot_stride, T(0)),
         rows(kTile * channel_stride, T(0)) {}
 };
@@ -343,7 +341,7 @@ struct Tile {
 template <typename T>
 inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
                                T* __restrict__ partial) {
-  constexpr int64_t W = 2 * kVectorLanes<T>;
+  constexpr int64_t W = kBlock<T>;
   const T* __restrict__ a = tile.attn.data();
   const T* __restrict__ v = tile.rows.data();
   for (int64_t i0 = 0; i0 < K; i0 += kSlotGroup) {
