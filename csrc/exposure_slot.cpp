@@ -54,6 +54,21 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor grad_norm_v_bias, Tensor[] grad_stage_bases, Tensor[] grad_factor_masks, "
       "Tensor[] grad_factor_tables, Tensor grad_queries)",
       {at::Tag::pt2_compliant_tag});
+
+  // A 3x3 convolution (stride 1, padding 1: zeros, or by reflection) by Winograd's
+  // F(4x4, 3x3), for inference: filter [36, Ci, Co] is the Winograd transform of
+  // the weight (exposure_slot.ops.winograd_conv3x3.winograd_filter); x is
+  // [B, Cx, H, W], pixel-unshuffled by `unshuffle` (1 or 2) into the convolution's
+  // input; its output is pixel-shuffled by `shuffle` into out; then bias and GELU.
+  // The underscore variant adds into out (channels-last) before the GELU.
+  // csrc/cpu/winograd_conv3x3.cpp has the formula and the channel orders.
+  m.set_python_module("exposure_slot.ops.winograd_conv3x3");
+  m.def("winograd_conv3x3(Tensor x, Tensor filter, Tensor? bias, bool reflect, int unshuffle, "
+        "int shuffle, bool gelu) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("winograd_conv3x3_(Tensor(a!) out, Tensor x, Tensor filter, Tensor? bias, bool reflect, "
+        "int unshuffle, int shuffle, bool gelu) -> ()",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // `import exposure_slot._C` only has to run the static registrations above (and

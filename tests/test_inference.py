@@ -15,6 +15,7 @@ import torch
 import exposure_slot as es
 from exposure_slot import inference
 from exposure_slot.inference import canonical_channels_last, optimize_for_inference
+from conftest import requires_kernels
 from random_models import random_model
 
 TOL = {torch.float32: 1e-4, torch.float64: 1e-12, torch.bfloat16: 2e-2}
@@ -76,6 +77,25 @@ def test_onednn_and_plain_convolutions_agree(monkeypatch):
         plain = fast(x, return_aux=True)
     assert max_err(fused.image, plain.image.double()) <= 1e-5
     assert max_err(fused.recon, plain.recon.double()) <= 1e-5
+
+
+@requires_kernels
+def test_winograd_and_direct_convolutions_agree():
+    """float32 on the CPU runs the 3x3 convolutions (shuffled, reflect-padded, summed)
+    as Winograd ones; winograd=False keeps oneDNN's direct ones."""
+    model = random_model(2, seed=5)
+    x = image(1, 3, 40, 28, seed=11).float()
+    fast, direct = optimize_for_inference(model), optimize_for_inference(model, winograd=False)
+    for name in ("conv1_2", "down1", "conv2_2", "up1", "conv4_2", "up2", "conv5_2"):
+        assert getattr(fast.fused, name).winograd_filter is not None, name
+        assert getattr(direct.fused, name).winograd_filter is None, name
+    assert fast.fused.conv5_1.of_first.winograd_filter is not None  # the in-place sum
+    assert fast.fused.conv1_1.winograd_filter is None  # 3 input channels: not a vector
+    assert optimize_for_inference(model, torch.bfloat16).fused.conv1_2.winograd_filter is None
+    with torch.no_grad():
+        wino, plain = fast(x, return_aux=True), direct(x, return_aux=True)
+    assert max_err(wino.image, plain.image.double()) <= 1e-5
+    assert max_err(wino.recon, plain.recon.double()) <= 1e-5
 
 
 @pytest.mark.parametrize("level", [2, 3])

@@ -37,12 +37,14 @@ else:
 # csrc/exposure_slot.cpp tells torch to find their fake kernels.
 from . import mask_fusion as _mask_fusion
 from . import slot_attention_pass as _slot_attention_pass
+from . import winograd_conv3x3 as _winograd_conv3x3
 from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
 from .slot_attention_pass import slot_attention_pass_reference
 
 if _C is not None:
     _mask_fusion.register()
     _slot_attention_pass.register()
+    _winograd_conv3x3.register()
 
 __all__ = ["cpu_kernels_available", "cuda_kernels_available", "triton_kernels_available",
            "BACKEND_DTYPES", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
