@@ -145,85 +145,109 @@ inline int64_t source_row(int64_t r, int64_t size, bool reflect) {
   return -1;  // zero padding, or beyond the pad (feeds only outputs never stored)
 }
 
+// A tile's block of V or Y: [C / L vectors of channels][36 points][L lanes], so that
+// each transform reads and writes its 36 vectors at fixed offsets.
 template <typename T>
-void input_transform(const Geometry& g, const T* x, int64_t tile, int64_t slot, int64_t block,
-                     T* V) {
+__attribute__((always_inline)) inline T* tile_points(T* buffer, int64_t slot, int64_t channels) {
+  return buffer + slot * kPoints * channels;
+}
+
+// The tile's 6x6 input pixels are first copied into its block of V (zeros for
+// padding), then transformed in place, channel vector by channel vector: along
+// each row, then down each column.
+template <typename T>
+void input_transform(const Geometry& g, const T* x, const int64_t* channel_shifts, int64_t tile,
+                     int64_t slot, T* V) {
   constexpr int64_t L = kVectorLanes<T>;
   const int64_t b = tile / (g.tiles_y * g.tiles_x);
   const int64_t y0 = (tile / g.tiles_x) % g.tiles_y * kTile - 1;
   const int64_t x0 = tile % g.tiles_x * kTile - 1;
-  int64_t offsets[kSpan][kSpan];  // of the pixel's first channel in x, or -1
+  T* points = tile_points(V, slot, g.in_channels);
   for (int i = 0; i < kSpan; ++i) {
     const int64_t row = source_row(y0 + i, g.height, g.reflect);
     for (int j = 0; j < kSpan; ++j) {
       const int64_t col = source_row(x0 + j, g.width, g.reflect);
-      offsets[i][j] = row < 0 || col < 0 ? -1
-                                         : b * g.x_batch + row * g.unshuffle * g.x_row +
-                                               col * g.unshuffle * g.x_pixel;
-    }
-  }
-  for (int64_t c0 = 0; c0 < g.in_channels; c0 += L) {
-    const int64_t phase = c0 / g.x_channels;
-    const int64_t shift = phase / 2 * g.x_row + phase % 2 * g.x_pixel + c0 % g.x_channels;
-    Vec<T> d[kSpan][kSpan], rows[kSpan][kSpan], v[kSpan][kSpan];
-    for (int i = 0; i < kSpan; ++i) {
-      for (int j = 0; j < kSpan; ++j) {
-        d[i][j] = offsets[i][j] < 0 ? Vec<T>{} : load<Vec<T>>(x + offsets[i][j] + shift);
+      T* to = points + (i * kSpan + j) * L;
+      if (row < 0 || col < 0) {
+        for (int64_t v = 0; v < g.in_channels / L; ++v) store(to + v * kPoints * L, Vec<T>{});
+      } else {
+        const T* from = x + b * g.x_batch + row * g.unshuffle * g.x_row + col * g.unshuffle * g.x_pixel;
+        for (int64_t v = 0; v < g.in_channels / L; ++v) {
+          store(to + v * kPoints * L, load<Vec<T>>(from + channel_shifts[v]));
+        }
       }
     }
-    for (int j = 0; j < kSpan; ++j) transform(kInputTransform, &d[0][j], kSpan, &rows[0][j], kSpan);
-    for (int i = 0; i < kSpan; ++i) transform(kInputTransform, &rows[i][0], 1, &v[i][0], 1);
-    for (int p = 0; p < kPoints; ++p) {
-      store(V + (p * block + slot) * g.in_channels + c0, v[p / kSpan][p % kSpan]);
+  }
+  for (T* d = points; d < points + kPoints * g.in_channels; d += kPoints * L) {
+    Vec<T> rows[kSpan][kSpan];
+#pragma GCC unroll 6
+    for (int i = 0; i < kSpan; ++i) {
+      Vec<T> pixels[kSpan];
+#pragma GCC unroll 6
+      for (int j = 0; j < kSpan; ++j) pixels[j] = load<Vec<T>>(d + (i * kSpan + j) * L);
+      transform(kInputTransform, pixels, 1, rows[i], 1);
+    }
+#pragma GCC unroll 6
+    for (int j = 0; j < kSpan; ++j) {
+      Vec<T> column[kSpan];
+      transform(kInputTransform, &rows[0][j], kSpan, column, 1);
+#pragma GCC unroll 6
+      for (int i = 0; i < kSpan; ++i) store(d + (i * kSpan + j) * L, column[i]);
     }
   }
 }
 
-// Y[p] = V[p] U[p] for the block's `count` tiles: per point a [count, Ci] x [Ci, Co]
-// product, in register tiles of Rows tiles x Width vectors of output channels.
+// Y[t, p] = V[t, p] U[p] for the block's `count` tiles t: per point a [count, Ci] x
+// [Ci, Co] product, in register tiles of Rows tiles x Width vectors of output
+// channels, stepping over the tile-major blocks of V and Y.
 template <typename T, int Rows, int Width>
 __attribute__((always_inline)) inline void product_tile(const T* V, const T* U, T* Y,
                                                         int64_t ci, int64_t co) {
   constexpr int64_t L = kVectorLanes<T>;
   Vec<T> acc[Rows][Width] = {};
-  for (int64_t k = 0; k < ci; ++k) {
-    Vec<T> u[Width];
-    for (int w = 0; w < Width; ++w) u[w] = load<Vec<T>>(U + k * co + w * L);
+  for (int64_t v = 0; v < ci / L; ++v) {
+    const T* a = V + v * kPoints * L;
+#pragma GCC unroll 4
+    for (int64_t l = 0; l < L; ++l) {
+      Vec<T> u[Width];
+      for (int w = 0; w < Width; ++w) u[w] = load<Vec<T>>(U + (v * L + l) * co + w * L);
 #pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const T a = V[r * ci + k];
-      for (int w = 0; w < Width; ++w) acc[r][w] += a * u[w];
+      for (int r = 0; r < Rows; ++r) {
+        for (int w = 0; w < Width; ++w) acc[r][w] += a[r * kPoints * ci + l] * u[w];
+      }
     }
   }
   for (int r = 0; r < Rows; ++r) {
-    for (int w = 0; w < Width; ++w) store(Y + r * co + w * L, acc[r][w]);
+    for (int w = 0; w < Width; ++w) store(Y + r * kPoints * co + w * kPoints * L, acc[r][w]);
   }
 }
 
 template <typename T, int Width>
-void products(const Geometry& g, const T* V, const T* U, int64_t count, int64_t block, T* Y) {
+void products(const Geometry& g, const T* V, const T* U, int64_t count, T* Y) {
   constexpr int64_t L = kVectorLanes<T>;
   constexpr int Rows = 28 / Width;  // 28 accumulators, 4 registers left for u and a
   const int64_t ci = g.in_channels, co = g.out_channels;
   for (int64_t p = 0; p < kPoints; ++p) {
-    const T* Vp = V + p * block * ci;
     const T* Up = U + p * ci * co;
-    T* Yp = Y + p * block * co;
     for (int64_t c0 = 0; c0 < co; c0 += Width * L) {
-      int64_t r0 = 0;
-      for (; r0 + Rows <= count; r0 += Rows) {
-        product_tile<T, Rows, Width>(Vp + r0 * ci, Up + c0, Yp + r0 * co + c0, ci, co);
+      const int64_t y_offset = c0 * kPoints + p * L;  // vector c0 / L, point p
+      int64_t r = 0;
+      for (; r + Rows <= count; r += Rows) {
+        product_tile<T, Rows, Width>(tile_points(V, r, ci) + p * L, Up + c0,
+                                     tile_points(Y, r, co) + y_offset, ci, co);
       }
-      for (; r0 < count; ++r0) {
-        product_tile<T, 1, Width>(Vp + r0 * ci, Up + c0, Yp + r0 * co + c0, ci, co);
+      for (; r < count; ++r) {
+        product_tile<T, 1, Width>(tile_points(V, r, ci) + p * L, Up + c0,
+                                  tile_points(Y, r, co) + y_offset, ci, co);
       }
     }
   }
 }
 
+// The inverse: down each column of the tile's 36 products, then along its 4 rows.
 template <typename T>
 void output_transform(const Geometry& g, const T* Y, const T* bias, bool accumulate, bool gelu_after,
-                      int64_t tile, int64_t slot, int64_t block, T* out) {
+                      int64_t tile, int64_t slot, T* out) {
   constexpr int64_t L = kVectorLanes<T>;
   const int64_t b = tile / (g.tiles_y * g.tiles_x);
   const int64_t y0 = (tile / g.tiles_x) % g.tiles_y * kTile;
@@ -234,17 +258,28 @@ void output_transform(const Geometry& g, const T* Y, const T* bias, bool accumul
     const int64_t phase = c0 / g.out_phase_channels;
     T* base = out + b * g.out_batch + phase / 2 * g.out_row + phase % 2 * g.out_pixel +
               c0 % g.out_phase_channels;
-    Vec<T> m[kSpan][kSpan], half[kTile][kSpan], y[kTile][kTile];
-    for (int p = 0; p < kPoints; ++p) {
-      m[p / kSpan][p % kSpan] = load<Vec<T>>(Y + (p * block + slot) * g.out_channels + c0);
+    const T* points = tile_points(Y, slot, g.out_channels) + c0 * kPoints;
+    Vec<T> half[kTile][kSpan];
+#pragma GCC unroll 6
+    for (int j = 0; j < kSpan; ++j) {
+      Vec<T> column[kSpan];
+#pragma GCC unroll 6
+      for (int i = 0; i < kSpan; ++i) {
+        column[i] = load<Vec<T>>(points + (i * kSpan + j) * L);
+      }
+      transform(kOutputTransform, column, 1, &half[0][j], kSpan);
     }
-    for (int j = 0; j < kSpan; ++j) transform(kOutputTransform, &m[0][j], kSpan, &half[0][j], kSpan);
-    for (int i = 0; i < kTile; ++i) transform(kOutputTransform, &half[i][0], 1, &y[i][0], 1);
     const Vec<T> beta = bias != nullptr ? load<Vec<T>>(bias + c0) : Vec<T>{};
-    for (int i = 0; i < rows; ++i) {
-      for (int j = 0; j < cols; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < kTile; ++i) {
+      Vec<T> y[kTile];
+      transform(kOutputTransform, half[i], 1, y, 1);
+      if (i >= rows) break;
+#pragma GCC unroll 4
+      for (int j = 0; j < kTile; ++j) {
+        if (j >= cols) break;
         T* at = base + (y0 + i) * g.shuffle * g.out_row + (x0 + j) * g.shuffle * g.out_pixel;
-        Vec<T> value = y[i][j] + beta;
+        Vec<T> value = y[j] + beta;
         if (accumulate) value += load<Vec<T>>(at);
         store(at, gelu_after ? gelu<T>(value) : value);
       }
@@ -258,20 +293,29 @@ void convolution_kernel(const Geometry& g, const T* x, const T* U, const T* bias
   const int64_t block = tiles_per_block(g);
   const int64_t blocks = (g.tiles + block - 1) / block;
   const int64_t width = g.out_channels % (2 * kVectorLanes<T>) == 0 ? 2 : 1;
+  // Where each vector of the convolution's input channels starts in a pixel of x:
+  // its phase's pixel of the 2x2 group (unshuffle), then its channel.
+  std::vector<int64_t> channel_shifts;
+  for (int64_t c0 = 0; c0 < g.in_channels; c0 += kVectorLanes<T>) {
+    const int64_t phase = c0 / g.x_channels;
+    channel_shifts.push_back(phase / 2 * g.x_row + phase % 2 * g.x_pixel + c0 % g.x_channels);
+  }
 #pragma omp parallel if (g.tiles * g.in_channels * g.out_channels >= kMinParallelWork)
   {
     std::vector<T> V(kPoints * block * g.in_channels), Y(kPoints * block * g.out_channels);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t first = blk * block, count = std::min(block, g.tiles - first);
-      for (int64_t s = 0; s < count; ++s) input_transform(g, x, first + s, s, block, V.data());
+      for (int64_t s = 0; s < count; ++s) {
+        input_transform(g, x, channel_shifts.data(), first + s, s, V.data());
+      }
       if (width == 2) {
-        products<T, 2>(g, V.data(), U, count, block, Y.data());
+        products<T, 2>(g, V.data(), U, count, Y.data());
       } else {
-        products<T, 1>(g, V.data(), U, count, block, Y.data());
+        products<T, 1>(g, V.data(), U, count, Y.data());
       }
       for (int64_t s = 0; s < count; ++s) {
-        output_transform(g, Y.data(), bias, accumulate, gelu_after, first + s, s, block, out);
+        output_transform(g, Y.data(), bias, accumulate, gelu_after, first + s, s, out);
       }
     }
   }
