@@ -1,6 +1,8 @@
 """Whole-model CPU inference: B=1, float32, level 2 and 3, for the plain model
 (backend "reference"), torch.compile of it, the optimized path
-(``optimize_for_inference``, backend "cpu" where built) and its bfloat16 mode.
+(``optimize_for_inference``, backend "cpu" where built: Winograd convolutions), the
+same with oneDNN's direct convolutions (``winograd=False``, "cpu-direct") and its
+bfloat16 mode.
 
 After the module a table gives the medians, the ratios measured in the same run, the
 peak memory of one forward, the convolution flops counted on the model, the floor
@@ -24,7 +26,7 @@ from exposure_slot.inference import optimize_for_inference
 
 FULL = {"side": 512, "rounds": 5}
 SHORT = {"side": 64, "rounds": 2}
-VARIANTS = ("reference", "compiled", "cpu", "cpu-bf16")
+VARIANTS = ("reference", "compiled", "cpu-direct", "cpu", "cpu-bf16")
 LEVELS = (2, 3)
 RESULTS: dict[tuple[int, int], dict] = {}  # per (level, side): medians, peaks, flops, profile
 RESULTS_SGEMM: list[float] = []  # this session's sgemm flops per second, measured once
@@ -43,7 +45,8 @@ def build(variant: str, level: int):
         torch._dynamo.reset()
         return torch.compile(model, dynamic=False)
     model.backend = "auto"  # the C++ slot attention where it is built
-    return optimize_for_inference(model, torch.bfloat16 if variant == "cpu-bf16" else torch.float32)
+    return optimize_for_inference(model, torch.bfloat16 if variant == "cpu-bf16" else torch.float32,
+                                  winograd=variant != "cpu-direct")
 
 
 def peak_bytes(fn) -> int:
@@ -105,9 +108,11 @@ def write_report(reporter):
     reporter.section("whole model, B=1, medians (ms)")
     write(f"{torch.get_num_threads()} threads, torch {torch.__version__}, load average "
           f"{os.getloadavg()[0]:.2f}; sgemm {RESULTS_SGEMM[0] / 1e9:.0f} GFLOP/s")
+    # floor: the direct convolutions' flops at the sgemm rate, which Winograd's
+    # convolutions (a quarter of the multiplications) can go below.
     header = ["level", "side"] + list(VARIANTS) + ["ref/cpu", "comp/cpu", "ref/bf16",
                                                    "GFLOP", "floor", "cpu/floor"]
-    write("".join(f"{h:>10}" for h in header))
+    write("".join(f"{h:>11}" for h in header))
     for (level, side), entry in sorted(RESULTS.items()):
         m = entry["median"]
         cells = [level, side] + [f"{m[v] * 1e3:.0f}" if v in m else "-" for v in VARIANTS]
@@ -116,7 +121,7 @@ def write_report(reporter):
         floor = entry["flops"] / RESULTS_SGEMM[0]
         cells += [f"{entry['flops'] / 1e9:.1f}", f"{floor * 1e3:.0f}",
                   f"{m['cpu'] / floor:.2f}" if "cpu" in m else "-"]
-        write("".join(f"{c:>10}" for c in cells))
+        write("".join(f"{c:>11}" for c in cells))
     # torch.compile's generated code allocates where the profiler does not see it.
     write("peak memory of one forward (MiB; compiled: not visible to the profiler): " + "; ".join(
         f"L{level} {side}: " + ", ".join(f"{v} {b / 2**20:.0f}" for v, b in entry["peak"].items()

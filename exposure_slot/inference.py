@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .network import ExposureSlot, FeedForward
+from .network import BottleneckBlock, ExposureSlot, FeedForward
 from .ops.winograd_conv3x3 import permute_phases, winograd_filter
 
 # Only these go through oneDNN's fused convolutions (it rejects float64).
@@ -216,6 +216,43 @@ class FrozenFeedForward(nn.Module):
         return self.project(self.depthwise(y)).to(x.dtype)
 
 
+class InferenceBottleneck(BottleneckBlock):
+    """The bottleneck block (same parameters, same state_dict) with its feed-forward
+    fused (``FrozenFeedForward``) and the linear algebra of its channel attention
+    regrouped; the function is the same, only the rounding differs:
+
+    - ``q = x W_q^T`` is never formed: the channel attention needs only
+      ``k^T q = W_k X W_q^T`` and the column norms ``diag(W_k X W_k^T)``,
+      ``diag(W_q X W_q^T)`` of ``X = x^T x``, one [C, C] sum over the tokens (the
+      quadratic forms in float64);
+    - ``proj(v attn^T) = v (attn^T W_p^T) + b_p``: the two [C, C] matrices are
+      multiplied first, so the tokens go through one product instead of two.
+    """
+
+    def __init__(self, block: BottleneckBlock, dtype: torch.dtype):
+        attention = block.slot_attention
+        super().__init__(block.to_q.in_features, attention.slots, attention.iters,
+                         attention.backend)
+        self.load_state_dict(block.state_dict())
+        self.to(block.to_q.weight).requires_grad_(False).train(False)
+        self.ff = FrozenFeedForward(block.ff, dtype)
+
+    def _token_sums(self, x, k, sums):
+        xt = x.transpose(1, 2)
+        return torch.bmm(xt, x) if sums is None else sums.baddbmm_(xt, x)
+
+    def _channel_mix(self, x_gram):
+        gram = x_gram.double()
+        wq, wk = self.to_q.weight.double(), self.to_k.weight.double()
+        k_gram = wk @ gram
+        attn_t = self._channel_attention_t(k_gram @ wq.T, (k_gram * wk).sum(-1),
+                                           ((wq @ gram) * wq).sum(-1))
+        return (attn_t @ self.proj.weight.double().T).to(x_gram.dtype)
+
+    def _attended(self, x, v, mix):
+        return torch.baddbmm(x, v, mix).add_(self.proj.bias)
+
+
 class FusedConvolutions(nn.Module):
     """The image network's convolutions, BatchNorms and GELUs as frozen, fused
     convolutions computing in ``dtype``: the encoder, the decoder and the slot decoder.
@@ -260,9 +297,9 @@ class InferenceExposureSlot(ExposureSlot):
     """
 
     def __init__(self, model: ExposureSlot, dtype: torch.dtype, winograd: bool = True):
-        block = model.bottleneck
         super().__init__(model.level, model.backend, model.size_policy,
-                         dim=block.to_q.in_features, iters=block.slot_attention.iters)
+                         dim=model.bottleneck.to_q.in_features,
+                         iters=model.bottleneck.slot_attention.iters)
         self.load_state_dict(model.state_dict())
         # The slot attention needs float32 or better: with bfloat16 or float16
         # convolutions the layers (the bottleneck among them) stay float32, and so do
@@ -271,7 +308,7 @@ class InferenceExposureSlot(ExposureSlot):
         self.to(device=model.conv1_1.weight.device, dtype=outer).requires_grad_(False)
         super().train(False)
         self.fused = FusedConvolutions(model, dtype, winograd)
-        self.bottleneck.ff = FrozenFeedForward(block.ff, dtype)
+        self.bottleneck = InferenceBottleneck(self.bottleneck, dtype)
 
     def train(self, mode: bool = True):
         if mode:

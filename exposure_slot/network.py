@@ -146,30 +146,22 @@ class BottleneckBlock(nn.Module):
         weight = self.to_k.weight
         k = weight.new_empty(batch, h * w, dim)
         v = weight.new_empty(batch, h * w, dim)
-        gram = weight.new_zeros(batch, dim, dim)  # sum over tokens of k^T q
-        k_sq = weight.new_zeros(batch, dim)
-        q_sq = weight.new_zeros(batch, dim)
+        sums = None
         for top in range(0, h, band):
             bottom = min(h, top + band)
             x = _tokens(source.rows(top, bottom))
-            q_chunk, k_chunk = self.to_q(x), self.to_k(x)
+            k_chunk = self.to_k(x)
             k[:, top * w:bottom * w] = k_chunk
             v[:, top * w:bottom * w] = self.to_v(x)
-            q_sq += q_chunk.square().sum(dim=1)
-            k_sq += k_chunk.square().sum(dim=1)
-            gram.baddbmm_(k_chunk.transpose(1, 2), q_chunk)
-            del x, q_chunk, k_chunk
+            sums = self._token_sums(x, k_chunk, sums)
+            del x, k_chunk
         source.release()
         prompt_map, slot_map, masks = self.slot_attention(k, v)
         del k
         slot_map = _as_map(slot_map, h, w) if keep_slot_map else None
         v.mul_(prompt_map)
         del prompt_map
-        # F.normalize's max(norm, eps) per channel, applied to the gram's rows and columns.
-        k_norm = k_sq.sqrt().clamp_min(1e-12)
-        q_norm = q_sq.sqrt().clamp_min(1e-12)
-        cosines = gram / k_norm[:, :, None] / q_norm[:, None, :]
-        attn_t = (cosines * self.rescale).softmax(dim=-1).transpose(1, 2)
+        mix = self._channel_mix(sums)
 
         out = torch.empty(batch, dim, h, w, dtype=weight.dtype, device=weight.device,
                           memory_format=source.memory_format)
@@ -179,11 +171,43 @@ class BottleneckBlock(nn.Module):
         for top in range(0, h, band):
             bottom = min(h, top + band)
             lo, hi = max(0, top - reach), min(h, bottom + reach)
-            x1 = _tokens(source.rows(lo, hi)) + self.proj(torch.bmm(v[:, lo * w:hi * w], attn_t))
+            x1 = self._attended(_tokens(source.rows(lo, hi)), v[:, lo * w:hi * w], mix)
             y = _as_map(x1, hi - lo, w) + self.ff(_as_map(self.norm(x1), hi - lo, w))
             out[:, :, top:bottom] = y[:, :, top - lo:bottom - lo]
             del x1, y
         return out, slot_map, [m.view(batch, -1, h, w) for m in masks]
+
+    # The channel attention of forward_rows in three steps, which
+    # exposure_slot.inference regroups: sums over the tokens (band by band), the
+    # [B, C, C] matrix they give, and the block's output tokens from it.
+
+    def _token_sums(self, x, k, sums):
+        """``sums`` updated with a band's tokens ``x`` and keys ``k``: the gram matrix
+        ``k^T q`` and the squared column norms of ``k`` and ``q``."""
+        q = self.to_q(x)
+        if sums is None:
+            sums = (x.new_zeros(x.shape[0], x.shape[2], x.shape[2]),
+                    x.new_zeros(x.shape[0], x.shape[2]), x.new_zeros(x.shape[0], x.shape[2]))
+        gram, k_sq, q_sq = sums
+        q_sq += q.square().sum(dim=1)
+        k_sq += k.square().sum(dim=1)
+        gram.baddbmm_(k.transpose(1, 2), q)
+        return sums
+
+    def _channel_mix(self, sums):
+        """The transposed channel attention ``attn^T`` [B, C, C] from the sums."""
+        return self._channel_attention_t(*sums)
+
+    def _channel_attention_t(self, gram, k_sq, q_sq):
+        # F.normalize's max(norm, eps) per channel, applied to the gram's rows and columns.
+        k_norm = k_sq.sqrt().clamp_min(1e-12)
+        q_norm = q_sq.sqrt().clamp_min(1e-12)
+        cosines = gram / k_norm[:, :, None] / q_norm[:, None, :]
+        return (cosines * self.rescale).softmax(dim=-1).transpose(1, 2)
+
+    def _attended(self, x, v, mix):
+        """The tokens after the channel attention: ``x + proj(v attn^T)``."""
+        return x + self.proj(torch.bmm(v, mix))
 
 
 def _tokens(z: torch.Tensor) -> torch.Tensor:
