@@ -21,9 +21,11 @@ rounding differs:
   view ``[B, N, C]`` of its input is free.
 - In float32 on the CPU, the 3x3 convolutions (with their pixel (un)shuffles,
   reflect padding, bias, sum and GELU) run as Winograd F(4x4, 3x3) convolutions
-  (``exposure_slot.ops.winograd_conv3x3``): 4x fewer multiplications, 1.4-2.7x
-  faster than oneDNN's direct ones here, a few times the direct convolution's
-  float32 rounding error (~1e-6 on the image). ``winograd=False`` keeps oneDNN's.
+  (``exposure_slot.ops.winograd_conv3x3``): 4x fewer multiplications, 1.4-2.5x
+  faster than oneDNN's direct ones here; each rounds about 10x more than a direct
+  convolution (~5e-6 relative), which on the golden checkpoints stays below the
+  image's own float32 rounding (1e-7). ``winograd=False`` keeps oneDNN's.
+- The bottleneck's channel attention is regrouped (``InferenceBottleneck``).
 
 On tensors oneDNN does not take (float64, GPU tensors, a torch built without it) the
 same frozen weights run through ``F.conv2d`` (cuDNN on a GPU, where the weights are
@@ -391,8 +393,8 @@ def optimize_for_inference(model: ExposureSlot, dtype: torch.dtype = torch.float
     lives on ``device`` (default: the model's), its weights folded there; ``model``
     itself is not changed and later changes to it are not seen by the copy.
     ``winograd``: in float32 on the CPU, run the 3x3 convolutions as Winograd
-    F(4x4, 3x3) ones (faster; a few times float32's rounding error of the direct
-    ones); False keeps oneDNN's direct convolutions.
+    F(4x4, 3x3) ones (faster; about 10x the direct ones' float32 rounding per layer);
+    False keeps oneDNN's direct convolutions.
     """
     if not isinstance(model, ExposureSlot):
         raise TypeError(f"expected an ExposureSlot, got {type(model).__name__}")
