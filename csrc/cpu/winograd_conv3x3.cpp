@@ -11,9 +11,10 @@
 // is done once per layer, in float64, by the Python side
 // (exposure_slot/ops/winograd_conv3x3.py); the kernels take U [36, Ci, Co]. Then
 //   out = gelu?(y + bias + (out, for winograd_conv3x3_)).
-// The transforms' entries (powers of 2, 4 and 5) round in float32: per output, the
-// error is a few times the direct convolution's (tests/test_winograd_conv3x3.py
-// states it), far below the 1e-4 the inference path allows.
+// The transforms' entries (up to 8 in A and B, 1/24 in G) round in float32: per
+// output the error is about 10x the direct convolution's (~5e-6 relative;
+// tests/test_winograd_conv3x3.py states it), far below the 1e-4 the inference
+// path allows.
 //
 // The convolution's own maps may be pixel shuffles of the tensors: with
 // `unshuffle` = 2 its input is the 2x2 pixel unshuffle of `x` [B, Cx, 2H, 2W],
@@ -25,10 +26,10 @@
 //
 // Memory layout: x and out are channels-last ([B, H, W, C] in memory); U is
 // [36, Ci, Co] (point-major, then input channel), the layout the products want.
-// Each block of tiles (`Blocking`) is transformed into V [36, T, Ci] (a few
-// hundred kB, in L2), multiplied point by point into Y [36, T, Co], and
-// transformed back; a tile's channels are vectors, so every transform is vector
-// additions over channels.
+// Each block of T tiles (tiles_per_block) is transformed into a thread's V
+// [T][Ci / L][36][L] (L lanes per vector), multiplied point by point into Y
+// [T][Co / L][36][L], and transformed back: a tile's channels are vectors, so
+// every transform is vector additions at fixed offsets.
 //
 // Launch: OpenMP over the blocks of tiles (all batch items and rows in one list);
 // every output is written by one tile, so results do not depend on the thread
@@ -131,8 +132,8 @@ struct Geometry {
   int64_t x_batch, x_row, x_pixel, out_batch, out_row, out_pixel;
 };
 
-// Tiles per block: enough rows for the products to run at speed, few enough that
-// V and Y stay in L2 (measured, benchmarks/README.md).
+// Tiles per block: more for more channels, where each block reads all of U
+// (28 to 126 tiles, as measured fastest; benchmarks/README.md).
 int64_t tiles_per_block(const Geometry& g) {
   return std::clamp<int64_t>(14 * ((g.in_channels + g.out_channels) / 42), 28, 126);
 }
