@@ -58,7 +58,7 @@ def main() -> None:
     _save_jpeg(_labelled(grid, [label for label, _ in cases], 3, size), DOCS / "synthesis.jpg")
 
     model = load_pretrained("demo")
-    picture, results = run_demo(model, photo, [("reference", torch.device("cpu"))])
+    picture, results = run_demo(model, photo, [("reference", torch.device("cpu"), False)])
     labels = []
     for result in results:
         labels += [f"{result.label}: {result.input_scores[0]:.1f} dB",

@@ -4,8 +4,9 @@ A well-exposed photo (one of the held-out Kodak images kodim19-24 when the
 project's shared data is present, else a photo given on the command line, else
 the generated example scene) is re-exposed three ways: under (-1.5 EV), over
 (+1.5 EV) and mixed (a smooth field from -2 to +2 EV). The demo model corrects
-each on every available backend; the command prints PSNR/SSIM against the
-original and the time per image, and writes one picture, a row per case:
+each on every available backend and as its ``optimize_for_inference`` copy (what
+``enhance`` runs); the command prints PSNR/SSIM against the original and the time
+per image, and writes one picture, a row per case:
 input | output | ground truth | exposure-region masks.
 
 It also holds the held-out benchmark behind the demo model card
@@ -262,8 +263,10 @@ class CaseResult(NamedTuple):
     seconds: dict[str, float]  # "backend" or "backend/device" -> time per image
 
 
-def backend_runs() -> list[tuple[str, torch.device]]:
-    """Every (available backend, device it can compute on): CPU first, then CUDA."""
+def backend_runs() -> list[tuple[str, torch.device, bool]]:
+    """Every (available backend, device it can compute on, False): the model as it is;
+    then per device ("auto", device, True): its ``optimize_for_inference`` copy, the
+    model ``enhance`` runs. CPU first, then CUDA."""
     from .backends import available_backends, resolve_backend
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -274,33 +277,46 @@ def backend_runs() -> list[tuple[str, torch.device]]:
                 resolve_backend(backend, device)
             except ValueError:  # a backend for another device
                 continue
-            runs.append((backend, device))
+            runs.append((backend, device, False))
+        runs.append(("auto", device, True))
     return runs
 
 
-def run_demo(model, photo: torch.Tensor,
-             runs: Sequence[tuple[str, torch.device]]) -> tuple[torch.Tensor, list[CaseResult]]:
+def run_demo(model, photo: torch.Tensor, runs: Sequence[tuple[str, torch.device, bool]]
+             ) -> tuple[torch.Tensor, list[CaseResult]]:
     """Re-expose ``photo`` (``[3,H,W]``) as in ``DEMO_CASES``, correct each case with
-    every (backend, device) of ``runs`` (best of ``TIMED_CALLS`` after a warm-up), and return the
+    every (backend, device, optimized) of ``runs`` (best of ``TIMED_CALLS`` after a
+    warm-up; ``optimized``: the model's ``optimize_for_inference`` copy), and return the
     demo picture (a row per case: input | output of the fastest run | ground truth |
     exposure regions) and the scores."""
     from .images import colorize_masks
+    from .inference import optimize_for_inference
 
     height, width = photo.shape[-2:]
-    several_devices = len({device.type for _, device in runs}) > 1
+    several_devices = len({device.type for _, device, _ in runs}) > 1
+    runners = []  # (label, backend, device, the optimized copy or None)
+    for backend, device, optimized in runs:
+        label = "optimized" if optimized else backend
+        if optimized:
+            model.to(device).backend = backend
+        runners.append((f"{label}/{device.type}" if several_devices else label, backend, device,
+                        optimize_for_inference(model) if optimized else None))
     picture_rows, results = [], []
     for label, ev, mixed in DEMO_CASES:
         source = synthesize(photo, ev, mixed=mixed, seed=MIXED_SEED if mixed else None)
         seconds, fastest = {}, None
-        for backend, device in runs:
-            model.to(device).backend = backend
-            _correct(model, source)  # warm-up: first calls allocate and pick kernels
+        for name, backend, device, optimized in runners:
+            runner = optimized
+            if runner is None:
+                runner = model.to(device)
+                runner.backend = backend
+            _correct(runner, source)  # warm-up: first calls allocate and pick kernels
             elapsed = float("inf")
             for _ in range(TIMED_CALLS):
                 start = time.perf_counter()
-                output, masks = _correct(model, source)  # returns CPU tensors: the GPU is done
+                output, masks = _correct(runner, source)  # returns CPU tensors: the GPU is done
                 elapsed = min(elapsed, time.perf_counter() - start)
-            seconds[f"{backend}/{device.type}" if several_devices else backend] = elapsed
+            seconds[name] = elapsed
             if fastest is None or elapsed < fastest[0]:
                 fastest = (elapsed, output, masks)
         _, output, masks = fastest

@@ -99,6 +99,7 @@ def test_demo_command_end_to_end(tmp_path, capsys, heldout_photo):
         assert label in text
     for backend in available_backends():
         assert f"{backend} " in text
+    assert "optimized " in text  # optimize_for_inference's copy, what enhance runs
     with Image.open(out) as picture:
         width, height = picture.size
     assert (width, height) == (4 * 96 + 3 * 4, 3 * 64 + 2 * 4)
