@@ -45,7 +45,7 @@ from torch import nn
 
 from . import ops
 from .network import BottleneckBlock, ExposureSlot, FeedForward
-from .ops.winograd_conv3x3 import permute_phases, winograd_filter
+from .ops.winograd_conv3x3 import permute_phases, whole_vectors, winograd_filter
 
 # Only these go through oneDNN's fused convolutions (it rejects float64).
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -164,10 +164,8 @@ def _winograd_applies(weight, dtype, unshuffle: int, shuffle: int) -> bool:
     if weight is None or dtype != _WINOGRAD_DTYPE or weight.device.type != "cpu" \
             or not ops.cpu_kernels_available():
         return False
-    lanes = 64 // dtype.itemsize
     out_channels, in_channels = weight.shape[:2]
-    return (in_channels // (unshuffle * unshuffle)) % lanes == 0 \
-        and (out_channels // (shuffle * shuffle)) % lanes == 0
+    return whole_vectors(in_channels // (unshuffle * unshuffle), out_channels, shuffle, dtype)
 
 
 def canonical_channels_last(x: torch.Tensor) -> torch.Tensor:

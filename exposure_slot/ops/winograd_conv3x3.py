@@ -62,6 +62,15 @@ def permute_phases(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return split.transpose(dim, dim + 1).reshape(shape)
 
 
+def whole_vectors(x_channels: int, out_channels: int, shuffle: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes these channel counts: x's channels and each
+    shuffle phase's output channels are whole vectors (64 bytes) of ``dtype``."""
+    lanes = 64 // dtype.itemsize
+    phases = shuffle * shuffle
+    return x_channels % lanes == 0 and out_channels % phases == 0 \
+        and (out_channels // phases) % lanes == 0
+
+
 def winograd_conv3x3_reference(x, weight, bias=None, residual=None, reflect: bool = False,
                                unshuffle: int = 1, shuffle: int = 1, gelu: bool = False):
     """The op in plain PyTorch, with the plain weight [Co, Ci, 3, 3] (phase-major
@@ -103,11 +112,10 @@ def check_args(x, filter, bias, reflect, unshuffle, shuffle, out=None, *, dtypes
                          f"(x's channels times unshuffle^2), got shape {list(filter.shape)}; "
                          "make it with winograd_filter(weight)")
     out_channels = filter.shape[2]
-    lanes = 64 // x.element_size()
-    if channels % lanes or out_channels % (shuffle * shuffle) or \
-            (out_channels // (shuffle * shuffle)) % lanes:
+    if not whole_vectors(channels, out_channels, shuffle, x.dtype):
         raise ValueError(f"{op}: x's channels ({channels}) and the filter's Co / shuffle^2 "
-                         f"({out_channels} / {shuffle * shuffle}) must be multiples of {lanes}")
+                         f"({out_channels} / {shuffle * shuffle}) must be multiples of "
+                         f"{64 // x.element_size()}")
     if bias is not None and list(bias.shape) != [out_channels]:
         raise ValueError(f"{op}: bias must be [Co] = [{out_channels}], got shape {list(bias.shape)}")
     shape = [batch, out_channels // (shuffle * shuffle), height * shuffle, width * shuffle]
