@@ -435,9 +435,12 @@ def _conv(conv: nn.Conv2d, dtype, winograd: bool, *, bn: nn.BatchNorm2d | None =
     """A size-keeping convolution (3x3 with zero padding 1, or 1x1), ``bn`` folded."""
     weight, bias = _weight_and_bias(conv, bn)
     padding = conv.padding[0]
-    is_3x3 = tuple(conv.kernel_size) == (3, 3) and conv.stride == (1, 1) and conv.groups == 1
+    # What winograd_conv3x3 computes: a 3x3 convolution, stride 1, zero padding 1.
+    same_3x3 = (tuple(conv.kernel_size) == (3, 3) and conv.stride == (1, 1)
+                and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros")
     return FrozenConv(weight, bias, dtype, padding=padding, gelu=gelu,
-                      winograd=weight if winograd and is_3x3 else None)
+                      winograd=weight if winograd and same_3x3 else None)
 
 
 def _downsample(down, dtype, winograd: bool) -> FrozenConv:
