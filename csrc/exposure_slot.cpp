@@ -55,6 +55,21 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor[] grad_factor_tables, Tensor grad_queries)",
       {at::Tag::pt2_compliant_tag});
 
+  // A slot level's update between two passes, for inference: from the slots
+  // [B,K,C] and the pass's attn_sum [B,K] and attn_v [B,K,C], the GRU, the
+  // refining MLP (pre-LayerNorm, residual) and the next pass's queries
+  // (LayerNorm, to_q, times scale); the weights in nn.Linear/nn.GRUCell layout.
+  // csrc/cpu/slot_update.cpp has the formula.
+  m.set_python_module("exposure_slot.ops.slot_update");
+  m.def(
+      "slot_update(Tensor slots, Tensor attn_sum, Tensor attn_v, Tensor gru_weight_ih, "
+      "Tensor gru_weight_hh, Tensor gru_bias_ih, Tensor gru_bias_hh, Tensor norm_pre_ff_weight, "
+      "Tensor norm_pre_ff_bias, Tensor mlp_weight_1, Tensor mlp_bias_1, Tensor mlp_weight_2, "
+      "Tensor mlp_bias_2, Tensor norm_slots_weight, Tensor norm_slots_bias, "
+      "Tensor to_q_weight, Tensor to_q_bias, float scale, float norm_eps) "
+      "-> (Tensor slots, Tensor queries)",
+      {at::Tag::pt2_compliant_tag});
+
   // A 3x3 convolution (stride 1, padding 1: zeros, or by reflection) by Winograd's
   // F(4x4, 3x3), for inference: filter [36, Ci, Co] is the Winograd transform of
   // the weight (exposure_slot.ops.winograd_conv3x3.winograd_filter); x is

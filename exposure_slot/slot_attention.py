@@ -34,6 +34,7 @@ from torch import nn
 from . import ops
 from .backends import resolve_backend, validate_backend
 from .ops import mask_fusion_reference
+from .ops.slot_update import level_weights
 
 EPS = 1e-8  # added to the attention after the softmax, as released
 
@@ -155,12 +156,19 @@ class SlotInSlotAttention(nn.Module):
         return prompt_map, slot_map, [attn] + child_masks
 
     def _run_fused(self, k_in, v_in, backend: str):
+        # The ops run without their Python checks (validate_args=False): the module
+        # builds their arguments, and checks here what it cannot vouch for.
+        dtypes = ops.BACKEND_DTYPES[backend]
+        if dtypes is not None and k_in.dtype not in dtypes:
+            raise TypeError(f"SlotInSlotAttention: backend {backend!r}: the compiled kernels "
+                            f"implement {', '.join(str(d).removeprefix('torch.') for d in dtypes)}; "
+                            f"got k and v of dtype {k_in.dtype}")
         norms = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
                  for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
         prompt_factors, slot_factors, masks = self._fused_level(
             0, [], None, k_in, v_in, norms, backend)
-        prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend)
-        slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend)
+        prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend, validate_args=False)
+        slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend, validate_args=False)
         return prompt_map, slot_map, masks
 
     def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
@@ -177,30 +185,41 @@ class SlotInSlotAttention(nn.Module):
         slots = level.slots_mu.expand(k_in.shape[0], -1, -1)
         child_a = child_b = []
         child_masks: list[torch.Tensor] = []
+        # Without autograd the CPU backend runs the slot update (GRU, MLP, the next
+        # queries) as one op; the child never reads the slots, so refining them
+        # before it runs changes nothing.
+        fused_update = backend == "cpu" and not torch.is_grad_enabled()
+        weights = level_weights(level) if fused_update else None
+        queries = level.to_q(level.norm_slots(slots)) * level.scale
         for iteration in range(self.iters):
             stages = chain + [(running, [])]
             factors = [f for _, stage_factors in stages for f in stage_factors]
-            queries = level.to_q(level.norm_slots(slots)) * level.scale
             attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
                 k_in, v_in, *(n[:depth + 1] for n in norms), [base for base, _ in stages],
                 [m for m, _ in factors], [t for _, t in factors],
                 [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
-                queries, stats, level.norm_k_inp.eps, EPS, backend=backend)
-            slots = level.update(slots, attn_v / attn_sum.unsqueeze(-1))
+                queries, stats, level.norm_k_inp.eps, EPS, backend=backend, validate_args=False)
+            if fused_update:
+                slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights,
+                                                 level.scale, level.norm_slots.eps,
+                                                 backend=backend, validate_args=False)
+            else:
+                slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
+                queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
                 child_a, child_b, child_masks = self._fused_level(
                     depth + 1, chain + [(running, [pf])], stats, k_in, v_in, norms, backend)
-            slots = level.refine(slots)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 update = [pf] + child_b
                 masks, tables = [m for m, _ in update], [t for _, t in update]
                 if running is not None and not torch.is_grad_enabled():
                     # Nothing saves the old value for a backward: overwrite it rather
                     # than hold the old and the new [B, N, C] modulation at once.
-                    ops.mask_fusion_(masks, tables, running, backend=backend)
+                    ops.mask_fusion_(masks, tables, running, backend=backend, validate_args=False)
                 else:
-                    running = ops.mask_fusion(masks, tables, running, backend=backend)
+                    running = ops.mask_fusion(masks, tables, running, backend=backend,
+                                               validate_args=False)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
                 [attn] + child_masks)
 

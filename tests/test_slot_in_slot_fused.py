@@ -196,9 +196,11 @@ def test_training_and_inference_mode():
     fused.eval()
     with torch.inference_mode():
         inference = flat(fused(k, v))
+    # Not bitwise: without autograd the slot update is one op (slot_update), which
+    # sums in another order than the ATen ops training runs.
     for a, e in zip(inference, out, strict=True):
         assert not a.requires_grad
-        assert torch.equal(a, e)
+        assert_matches(a, e.detach(), F64_TOL)
     with torch.no_grad():
         expected = flat(reference(k, v))
     for a, e in zip(inference, expected, strict=True):

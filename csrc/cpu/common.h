@@ -17,6 +17,9 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <bit>
+#include <limits>
 #include <type_traits>
 #include <cstdint>
 #include <vector>
@@ -134,6 +137,46 @@ __attribute__((always_inline)) inline void for_each_block(int64_t C, const Body&
   int64_t c0 = 0;
   for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) body(c0, FullBlock<T>{});
   if (c0 < C) body(c0, TailBlock<T>{C - c0});
+}
+
+// 1/k! for k = 0 .. Terms.
+template <typename T, int Terms>
+constexpr std::array<T, Terms + 1> inverse_factorials() {
+  std::array<T, Terms + 1> c{};
+  double f = 1;
+  for (int k = 0; k <= Terms; ++k) {
+    if (k > 1) f *= k;
+    c[k] = static_cast<T>(1 / f);
+  }
+  return c;
+}
+
+// exp(x) for x <= 0 (a softmax's arguments; slot_update's sigmoid and tanh of
+// -|x|), in a form a loop over many of them vectorises (libm's expf is a call per
+// value): x = n ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series up to
+// r^7/7! for float and r^13/13! for double (truncation below half an ulp), and
+// 2^n written into the exponent bits. x is clamped at the smallest normal power
+// of two (exp(-87.3) for float): anything that far below 1 is lost to rounding
+// next to the 1 (a softmax's largest term, the sigmoid's 1 + e) it is added to.
+template <typename T>
+inline T exp_nonpositive(T x) {
+  using Bits = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+  constexpr int kMantissaBits = std::numeric_limits<T>::digits - 1;
+  constexpr Bits kBias = std::numeric_limits<T>::max_exponent - 1;
+  constexpr T kLog2e = T(1.4426950408889634074);
+  constexpr T kLn2Hi = T(0.693145751953125);  // ln2 split so that n * kLn2Hi is exact
+  constexpr T kLn2Lo = T(1.42860682030941723212e-6);
+  constexpr T kRound = T(1.5) * T(Bits(1) << kMantissaBits);  // adding it rounds to an integer
+  constexpr int kTerms = std::is_same_v<T, float> ? 7 : 13;
+  x = std::max(x, T(std::numeric_limits<T>::min_exponent - 1) / kLog2e);
+  const T n = (x * kLog2e + kRound) - kRound;
+  const T r = (x - n * kLn2Hi) - n * kLn2Lo;
+  // Horner's rule on the coefficients 1/k! (a division per term would cost a
+  // vdivps each, 16 cycles per vector).
+  constexpr std::array<T, kTerms + 1> kCoefficients = inverse_factorials<T, kTerms>();
+  T poly = kCoefficients[kTerms];
+  for (int k = kTerms - 1; k >= 0; --k) poly = poly * r + kCoefficients[k];
+  return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
 }
 
 // Below this many multiply-adds, starting a parallel region costs more than it saves.

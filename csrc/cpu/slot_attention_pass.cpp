@@ -237,45 +237,6 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, Nor
   }
 }
 
-// 1/k! for k = 0 .. Terms.
-template <typename T, int Terms>
-constexpr std::array<T, Terms + 1> inverse_factorials() {
-  std::array<T, Terms + 1> c{};
-  double f = 1;
-  for (int k = 0; k <= Terms; ++k) {
-    if (k > 1) f *= k;
-    c[k] = static_cast<T>(1 / f);
-  }
-  return c;
-}
-
-// exp(x) for the softmax's arguments x <= 0, in a form a loop over many of them
-// vectorises (libm's expf is a call per value): x = n ln2 + r with |r| <= ln2/2,
-// exp(r) by its Taylor series up to r^7/7! for float and r^13/13! for double
-// (truncation below half an ulp), and 2^n written into the exponent bits. x is
-// clamped at the smallest normal power of two (exp(-87.3) for float): a slot that
-// far below the maximum weighs under 1e-37 and is lost to rounding in the sum.
-template <typename T>
-inline T exp_nonpositive(T x) {
-  using Bits = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
-  constexpr int kMantissaBits = std::numeric_limits<T>::digits - 1;
-  constexpr Bits kBias = std::numeric_limits<T>::max_exponent - 1;
-  constexpr T kLog2e = T(1.4426950408889634074);
-  constexpr T kLn2Hi = T(0.693145751953125);  // ln2 split so that n * kLn2Hi is exact
-  constexpr T kLn2Lo = T(1.42860682030941723212e-6);
-  constexpr T kRound = T(1.5) * T(Bits(1) << kMantissaBits);  // adding it rounds to an integer
-  constexpr int kTerms = std::is_same_v<T, float> ? 7 : 13;
-  x = std::max(x, T(std::numeric_limits<T>::min_exponent - 1) / kLog2e);
-  const T n = (x * kLog2e + kRound) - kRound;
-  const T r = (x - n * kLn2Hi) - n * kLn2Lo;
-  // Horner's rule on the coefficients 1/k! (a division per term would cost a
-  // vdivps each, 16 cycles per vector).
-  constexpr std::array<T, kTerms + 1> kCoefficients = inverse_factorials<T, kTerms>();
-  T poly = kCoefficients[kTerms];
-  for (int k = kTerms - 1; k >= 0; --k) poly = poly * r + kCoefficients[k];
-  return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
-}
-
 // x[i * Width + t] <- softmax over the K slots i of each of the Width columns t
 // (tokens: with the slots as rows, every step is a vector op over the tokens).
 template <int64_t Width, typename T>

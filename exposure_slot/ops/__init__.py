@@ -7,8 +7,11 @@ Every op ``name`` has three parts:
   only when the extension ``exposure_slot._C`` is built;
 - ``exposure_slot/ops/<name>.py``: its reference twin, argument checks, fake kernel
   and autograd formula;
-- the public wrapper below, which validates the arguments and runs the backend the
-  caller has already resolved (see ``exposure_slot.backends``):
+- the public wrapper below, which validates the arguments (unless
+  ``validate_args=False``: for callers that build them themselves, such as
+  ``SlotInSlotAttention``, whose every pass would otherwise spend ~40 us in Python
+  checks; the compiled kernels still check shapes, dtypes and devices) and runs the
+  backend the caller has already resolved (see ``exposure_slot.backends``):
   "reference" -> the twin; "cpu" and "cuda" -> the compiled op (its CPU or CUDA
   kernel, csrc/cpu or csrc/cuda); "triton" -> ``torch.ops.exposure_slot_triton.<name>``,
   the same op as Triton kernels (``kernels/<name>.py``, installed as
@@ -37,18 +40,22 @@ else:
 # csrc/exposure_slot.cpp tells torch to find their fake kernels.
 from . import mask_fusion as _mask_fusion
 from . import slot_attention_pass as _slot_attention_pass
+from . import slot_update as _slot_update
 from . import winograd_conv3x3 as _winograd_conv3x3
 from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
 from .slot_attention_pass import slot_attention_pass_reference
+from .slot_update import slot_update_reference
 
 if _C is not None:
     _mask_fusion.register()
     _slot_attention_pass.register()
+    _slot_update.register()
     _winograd_conv3x3.register()
 
 __all__ = ["cpu_kernels_available", "cuda_kernels_available", "triton_kernels_available",
            "BACKEND_DTYPES", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
-           "slot_attention_pass", "slot_attention_pass_reference"]
+           "slot_attention_pass", "slot_attention_pass_reference", "slot_update",
+           "slot_update_reference"]
 
 
 # The dtypes each backend's kernels implement (None: any floating dtype).
@@ -95,7 +102,8 @@ def triton_import_error() -> ImportError | None:
 
 
 def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
-                base: torch.Tensor | None = None, *, backend: str = "reference") -> torch.Tensor:
+                base: torch.Tensor | None = None, *, backend: str = "reference",
+                validate_args: bool = True) -> torch.Tensor:
     """``out[b,n,c] = base[b,n,c] * prod_j sum_i masks[j][b,i,n] * tables[j][tb,i,c]``.
 
     masks[j] [B,K_j,N], tables[j] [B,K_j,C] or [1,K_j,C] (shared by the batch), at
@@ -103,17 +111,20 @@ def mask_fusion(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
     Differentiable in every input on every backend. Raises TypeError/ValueError for
     bad arguments, RuntimeError when the backend is not built.
     """
-    _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend))
+    if validate_args:
+        _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend))
     return _select("mask_fusion", backend, mask_fusion_reference, masks[0].device)(
         list(masks), list(tables), base)
 
 
 def mask_fusion_(masks: Sequence[torch.Tensor], tables: Sequence[torch.Tensor],
-                 base: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:
+                 base: torch.Tensor, *, backend: str = "reference",
+                 validate_args: bool = True) -> torch.Tensor:
     """``mask_fusion`` written into ``base`` (contiguous), which it returns. Not
     differentiable: refuses tensors that require grad while grad mode is on."""
-    _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend),
-                            op="mask_fusion_")
+    if validate_args:
+        _mask_fusion.check_args(masks, tables, base, dtypes=_dtypes(backend),
+                                op="mask_fusion_")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (*masks, *tables, base)):
         raise RuntimeError("mask_fusion_: in-place and not differentiable; use mask_fusion "
                            "when gradients are needed (or call it under torch.no_grad())")
@@ -129,7 +140,7 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
                         factor_tables: Sequence[torch.Tensor], factor_stages: Sequence[int],
                         queries: torch.Tensor, stats: torch.Tensor | None = None,
                         norm_eps: float = 1e-5, attn_eps: float = 1e-8, *,
-                        backend: str = "reference"):
+                        backend: str = "reference", validate_args: bool = True):
     """One slot-attention pass of a level whose inputs pass through D LayerNorm and
     modulation stages (see ``exposure_slot.ops.slot_attention_pass``); ``stage_bases``
     has one entry per stage, a [B,N,C] tensor or None; ``stats`` is a previous
@@ -141,13 +152,41 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
     args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
             base_stages, list(factor_masks), list(factor_tables),
             [int(s) for s in factor_stages], queries, stats)
-    _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend))
     depth = norm_k_weight.shape[0]
-    if len(stage_bases) != depth:
+    if validate_args:
+        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend))
+    if validate_args and len(stage_bases) != depth:
         raise ValueError(f"slot_attention_pass: stage_bases must have one entry (a tensor or "
                          f"None) per stage, D = {depth}, got {len(stage_bases)}")
     return _select("slot_attention_pass", backend, slot_attention_pass_reference, k_in.device)(
         *args, float(norm_eps), float(attn_eps))
+
+
+def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tensor,
+                weights: Sequence[torch.Tensor], scale: float, norm_eps: float = 1e-5, *,
+                backend: str = "reference",
+                validate_args: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot level's update after a pass: ``(new slots, next queries)`` from the slots
+    [B,K,C], the pass's ``attn_sum`` [B,K] and ``attn_v`` [B,K,C] and the level's
+    ``weights`` (``exposure_slot.ops.slot_update.level_weights(level)``); see
+    ``exposure_slot.ops.slot_update``. For inference: the compiled op (backend "cpu")
+    has no autograd, so it refuses tensors that require grad while grad mode is on;
+    "reference" runs the differentiable twin on any device."""
+    weights = list(weights)
+    if validate_args:
+        _slot_update.check_args(slots, attn_sum, attn_v, *weights, dtypes=_dtypes(backend))
+    if backend == "reference":
+        return slot_update_reference(slots, attn_sum, attn_v, *weights, float(scale),
+                                     float(norm_eps))
+    if backend != "cpu":
+        raise ValueError(f"slot_update: compiled for the 'cpu' backend only (on CUDA, a CUDA "
+                         f"graph removes the small ops' launch cost); got backend {backend!r}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (slots, attn_sum, attn_v, *weights)):
+        raise RuntimeError("slot_update: the compiled op is for inference and has no autograd; "
+                           "use backend 'reference' when gradients are needed (or call it "
+                           "under torch.no_grad())")
+    return _select("slot_update", backend, slot_update_reference, slots.device)(
+        slots, attn_sum, attn_v, *weights, float(scale), float(norm_eps))
 
 
 def _dtypes(backend: str) -> tuple[torch.dtype, ...] | None:
