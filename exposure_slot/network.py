@@ -143,18 +143,23 @@ class BottleneckBlock(nn.Module):
         """The no-grad forward of the map that ``source`` gives band by band."""
         batch, dim, h, w = source.shape
         band = max(1, self.chunk_tokens // w)
+        whole = band >= h  # one band: its k, v and output are the block's, not copied
         weight = self.to_k.weight
-        k = weight.new_empty(batch, h * w, dim)
-        v = weight.new_empty(batch, h * w, dim)
+        if not whole:
+            k = weight.new_empty(batch, h * w, dim)
+            v = weight.new_empty(batch, h * w, dim)
         sums = None
         for top in range(0, h, band):
             bottom = min(h, top + band)
             x = _tokens(source.rows(top, bottom))
-            k_chunk = self.to_k(x)
-            k[:, top * w:bottom * w] = k_chunk
-            v[:, top * w:bottom * w] = self.to_v(x)
+            k_chunk, v_chunk = self.to_k(x), self.to_v(x)
+            if whole:
+                k, v = k_chunk, v_chunk
+            else:
+                k[:, top * w:bottom * w] = k_chunk
+                v[:, top * w:bottom * w] = v_chunk
             sums = self._token_sums(x, k_chunk, sums)
-            del x, k_chunk
+            del x, k_chunk, v_chunk
         source.release()
         prompt_map, slot_map, masks = self.slot_attention(k, v)
         del k
@@ -163,8 +168,9 @@ class BottleneckBlock(nn.Module):
         del prompt_map
         mix = self._channel_mix(sums)
 
-        out = torch.empty(batch, dim, h, w, dtype=weight.dtype, device=weight.device,
-                          memory_format=source.memory_format)
+        if not whole:
+            out = torch.empty(batch, dim, h, w, dtype=weight.dtype, device=weight.device,
+                              memory_format=source.memory_format)
         # Output rows [top, bottom) need the feed-forward's input on the rows its
         # convolutions reach beyond them; those rows are recomputed, not kept.
         reach = _row_reach(self.ff)
@@ -173,7 +179,10 @@ class BottleneckBlock(nn.Module):
             lo, hi = max(0, top - reach), min(h, bottom + reach)
             x1 = self._attended(_tokens(source.rows(lo, hi)), v[:, lo * w:hi * w], mix)
             y = _as_map(x1, hi - lo, w) + self.ff(_as_map(self.norm(x1), hi - lo, w))
-            out[:, :, top:bottom] = y[:, :, top - lo:bottom - lo]
+            if whole:
+                out = y.contiguous(memory_format=source.memory_format)
+            else:
+                out[:, :, top:bottom] = y[:, :, top - lo:bottom - lo]
             del x1, y
         return out, slot_map, [m.view(batch, -1, h, w) for m in masks]
 
