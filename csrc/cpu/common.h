@@ -139,6 +139,43 @@ __attribute__((always_inline)) inline void for_each_block(int64_t C, const Body&
   if (c0 < C) body(c0, TailBlock<T>{C - c0});
 }
 
+// out[j][r] = dot(w[j], x[r]) for Jb rows of w and Rb rows of x (rows of `in`
+// values): Jb * Rb vector accumulators, one per dot, each vector of w and x loaded
+// once per block. Where there are several dots to take, this beats `dot` one at a
+// time, which spends as much on its four accumulators' loads and fold as on the
+// multiply-adds (the slot update's matrix products, a token's slot logits).
+template <int Jb, int Rb, typename T>
+inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
+  using V = Vec<T>;
+  constexpr int64_t L = kVectorLanes<T>;
+  V acc[Jb][Rb];
+#pragma GCC unroll 16
+  for (int j = 0; j < Jb; ++j) {
+#pragma GCC unroll 16
+    for (int r = 0; r < Rb; ++r) acc[j][r] = V{};
+  }
+  int64_t c = 0;
+  for (; c + L <= in; c += L) {
+    V wv[Jb], xv[Rb];
+#pragma GCC unroll 16
+    for (int j = 0; j < Jb; ++j) wv[j] = load<V>(w + j * in + c);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rb; ++r) xv[r] = load<V>(x + r * in + c);
+#pragma GCC unroll 16
+    for (int j = 0; j < Jb; ++j) {
+#pragma GCC unroll 16
+      for (int r = 0; r < Rb; ++r) acc[j][r] += wv[j] * xv[r];
+    }
+  }
+  for (int j = 0; j < Jb; ++j) {
+    for (int r = 0; r < Rb; ++r) {
+      T total = sum_lanes(reinterpret_cast<const T*>(&acc[j][r]));
+      for (int64_t t = c; t < in; ++t) total += w[j * in + t] * x[r * in + t];
+      out[j][r] = total;
+    }
+  }
+}
+
 // 1/k! for k = 0 .. Terms.
 template <typename T, int Terms>
 constexpr std::array<T, Terms + 1> inverse_factorials() {

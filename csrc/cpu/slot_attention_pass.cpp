@@ -261,12 +261,27 @@ inline void softmax_columns(T* __restrict__ x, int64_t K) {
   }
 }
 
+// logits[i * stride] = q_i . k for the K slots, four at a time (dot_block: k's
+// vectors loaded once per four slots, one accumulator per slot, no fold of four).
+template <typename T>
+inline void slot_logits(const T* q, const T* k, int64_t K, int64_t C, T* logits,
+                        int64_t stride) {
+  constexpr int kGroup = 4;
+  int64_t i = 0;
+  for (; i + kGroup <= K; i += kGroup) {
+    T out[kGroup][1];
+    dot_block<kGroup, 1>(q + i * C, k, C, out);
+    for (int64_t g = 0; g < kGroup; ++g) logits[(i + g) * stride] = out[g][0];
+  }
+  for (; i < K; ++i) logits[i * stride] = dot(q + i * C, k, C);
+}
+
 // s.probs = softmax over slots of q_i . k for a token's k.
 template <typename T>
 inline void slot_softmax(const Pass<T>& p, int64_t b, const T* k, Scratch<T>& s) {
   const int64_t C = p.channels, K = p.slots;
   const T* q = p.queries + b * K * C;
-  for (int64_t i = 0; i < K; ++i) s.probs[i] = dot(q + i * C, k, C);
+  slot_logits(q, k, K, C, s.probs.data(), 1);
   softmax_columns<1>(s.probs.data(), K);
 }
 
@@ -348,7 +363,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           run_chain<false>(p, b, n, s,
                            reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
                            s.k.data(), tile.rows.data() + t * tile.channel_stride);
-          for (int64_t i = 0; i < K; ++i) tile.attn[i * kTile + t] = dot(q + i * C, s.k.data(), C);
+          slot_logits(q, s.k.data(), K, C, tile.attn.data() + t, kTile);
         }
         softmax_columns<kTile>(tile.attn.data(), K);
         for (int64_t i = 0; i < K; ++i) {

@@ -38,42 +38,6 @@ namespace {
 
 constexpr const char* kOp = "slot_update";
 
-// out[j][r] = dot(w[j], x[r]) for a block of Jb weight rows and Rb input rows:
-// Jb * Rb vector accumulators, each weight and input vector loaded once per block
-// (one dot at a time spent as much on loads and on its horizontal sum as on the
-// multiply-adds).
-template <int Jb, int Rb, typename T>
-inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
-  using V = Vec<T>;
-  constexpr int64_t L = kVectorLanes<T>;
-  V acc[Jb][Rb];
-#pragma GCC unroll 16
-  for (int j = 0; j < Jb; ++j) {
-#pragma GCC unroll 16
-    for (int r = 0; r < Rb; ++r) acc[j][r] = V{} ;
-  }
-  int64_t c = 0;
-  for (; c + L <= in; c += L) {
-    V wv[Jb], xv[Rb];
-#pragma GCC unroll 16
-    for (int j = 0; j < Jb; ++j) wv[j] = load<V>(w + j * in + c);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rb; ++r) xv[r] = load<V>(x + r * in + c);
-#pragma GCC unroll 16
-    for (int j = 0; j < Jb; ++j) {
-#pragma GCC unroll 16
-      for (int r = 0; r < Rb; ++r) acc[j][r] += wv[j] * xv[r];
-    }
-  }
-  for (int j = 0; j < Jb; ++j) {
-    for (int r = 0; r < Rb; ++r) {
-      T total = sum_lanes(reinterpret_cast<const T*>(&acc[j][r]));
-      for (int64_t t = c; t < in; ++t) total += w[j * in + t] * x[r * in + t];
-      out[j][r] = total;
-    }
-  }
-}
-
 // Rows [r0, r0 + Rb) of y for the weight rows [j0, j0 + Jb).
 template <int Jb, int Rb, typename T, typename Act>
 inline void linear_block(const T* x, int64_t r0, int64_t in, const T* w, const T* bias,
