@@ -191,6 +191,16 @@ class SlotInSlotAttention(nn.Module):
         fused_update = backend == "cpu" and not torch.is_grad_enabled()
         weights = level_weights(level) if fused_update else None
         queries = level.to_q(level.norm_slots(slots)) * level.scale
+        inference = not torch.is_grad_enabled()
+
+        def fuse_into(base, factors):
+            masks, tables = [m for m, _ in factors], [t for _, t in factors]
+            if base is not None and inference:
+                # Nothing saves the old value for a backward: overwrite it rather
+                # than hold the old and the new [B, N, C] modulation at once.
+                return ops.mask_fusion_(masks, tables, base, backend=backend, validate_args=False)
+            return ops.mask_fusion(masks, tables, base, backend=backend, validate_args=False)
+
         for iteration in range(self.iters):
             stages = chain + [(running, [])]
             factors = [f for _, stage_factors in stages for f in stage_factors]
@@ -208,18 +218,19 @@ class SlotInSlotAttention(nn.Module):
                 queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
-                child_a, child_b, child_masks = self._fused_level(
-                    depth + 1, chain + [(running, [pf])], stats, k_in, v_in, norms, backend)
-            if has_child and iteration + 1 < self.iters:  # the last one is never used
-                update = [pf] + child_b
-                masks, tables = [m for m, _ in update], [t for _, t in update]
-                if running is not None and not torch.is_grad_enabled():
-                    # Nothing saves the old value for a backward: overwrite it rather
-                    # than hold the old and the new [B, N, C] modulation at once.
-                    ops.mask_fusion_(masks, tables, running, backend=backend, validate_args=False)
+                if inference:
+                    # The child's modulation running * pf, made once for all its
+                    # passes (and its descendants'), where its passes would each
+                    # recompute the mixture per token; running = running * pf * b_c
+                    # then needs only the child's factors.
+                    running = fuse_into(running, [pf])
+                    handed_down = (running, [])
                 else:
-                    running = ops.mask_fusion(masks, tables, running, backend=backend,
-                                               validate_args=False)
+                    handed_down = (running, [pf])
+                child_a, child_b, child_masks = self._fused_level(
+                    depth + 1, chain + [handed_down], stats, k_in, v_in, norms, backend)
+            if has_child and iteration + 1 < self.iters:  # the last one is never used
+                running = fuse_into(running, child_b if inference else [pf] + child_b)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
                 [attn] + child_masks)
 
