@@ -47,8 +47,20 @@ from . import ops
 from .network import BottleneckBlock, ExposureSlot, FeedForward
 from .ops.winograd_conv3x3 import permute_phases, whole_vectors, winograd_filter
 
-# Only these go through oneDNN's fused convolutions (it rejects float64).
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes that go through oneDNN's fused convolutions: float32 (it rejects
+    float64), and bfloat16 where this CPU has oneDNN's bfloat16 convolution
+    (AVX512 BW+VL+DQ or AVX-NE-CONVERT); elsewhere oneDNN refuses bfloat16 and the
+    plain convolution runs it, slowly."""
+    bf16 = (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+_ONEDNN_DTYPES = _onednn_dtypes()
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # float16 only where it is fast and its range is handled by the hardware (cuDNN);
 # CPU convolutions in float16 are slow reference code.

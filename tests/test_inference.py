@@ -98,8 +98,17 @@ def test_winograd_and_direct_convolutions_agree():
     assert max_err(wino.recon, plain.recon.double()) <= 1e-5
 
 
+@pytest.mark.parametrize("onednn", [
+    pytest.param(True, marks=pytest.mark.skipif(
+        torch.bfloat16 not in inference._onednn_dtypes(),
+        reason="this CPU has no oneDNN bfloat16 convolution (AVX512 BW+VL+DQ or AVX-NE-CONVERT)")),
+    False], ids=["onednn", "plain-conv"])
 @pytest.mark.parametrize("level", [2, 3])
-def test_bfloat16_within_stated_tolerance(level):
+def test_bfloat16_within_stated_tolerance(level, onednn, monkeypatch):
+    """oneDNN's bfloat16 convolutions where the CPU has them; the plain ones (what
+    a CPU without them runs) everywhere."""
+    if not onednn:
+        monkeypatch.setattr(inference, "_ONEDNN_DTYPES", (torch.float32,))
     model = random_model(level, seed=20 + level)
     x = image(1, 3, 40, 44, seed=9)
     expected = reference_outputs(model, x)
