@@ -48,14 +48,12 @@ from .network import BottleneckBlock, ExposureSlot, FeedForward
 from .ops.winograd_conv3x3 import permute_phases, whole_vectors, winograd_filter
 
 
-
 def _onednn_dtypes() -> tuple[torch.dtype, ...]:
     """The dtypes that go through oneDNN's fused convolutions: float32 (it rejects
     float64), and bfloat16 where this CPU has oneDNN's bfloat16 convolution
     (AVX512 BW+VL+DQ or AVX-NE-CONVERT); elsewhere oneDNN refuses bfloat16 and the
     plain convolution runs it, slowly."""
-    bf16 = (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    bf16 = (hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 

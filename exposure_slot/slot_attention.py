@@ -188,10 +188,10 @@ class SlotInSlotAttention(nn.Module):
         # Without autograd the CPU backend runs the slot update (GRU, MLP, the next
         # queries) as one op; the child never reads the slots, so refining them
         # before it runs changes nothing.
-        fused_update = backend == "cpu" and not torch.is_grad_enabled()
+        inference = not torch.is_grad_enabled()
+        fused_update = backend == "cpu" and inference
         weights = level_weights(level) if fused_update else None
         queries = level.to_q(level.norm_slots(slots)) * level.scale
-        inference = not torch.is_grad_enabled()
 
         def fuse_into(base, factors):
             masks, tables = [m for m, _ in factors], [t for _, t in factors]

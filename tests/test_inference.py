@@ -100,7 +100,7 @@ def test_winograd_and_direct_convolutions_agree():
 
 @pytest.mark.parametrize("onednn", [
     pytest.param(True, marks=pytest.mark.skipif(
-        torch.bfloat16 not in inference._onednn_dtypes(),
+        torch.bfloat16 not in inference._ONEDNN_DTYPES,
         reason="this CPU has no oneDNN bfloat16 convolution (AVX512 BW+VL+DQ or AVX-NE-CONVERT)")),
     False], ids=["onednn", "plain-conv"])
 @pytest.mark.parametrize("level", [2, 3])
