@@ -176,6 +176,21 @@ inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
   }
 }
 
+// out[i * stride] = rows_i . x for K rows of C values (a token's slot logits, its
+// mask gradients), four rows at a time: dot_block loads x's vectors once per four
+// rows and keeps one accumulator per row, instead of a fold of four per dot.
+template <typename T>
+inline void row_dots(const T* rows, const T* x, int64_t K, int64_t C, T* out, int64_t stride) {
+  constexpr int kGroup = 4;
+  int64_t i = 0;
+  for (; i + kGroup <= K; i += kGroup) {
+    T dots[kGroup][1];
+    dot_block<kGroup, 1>(rows + i * C, x, C, dots);
+    for (int64_t g = 0; g < kGroup; ++g) out[(i + g) * stride] = dots[g][0];
+  }
+  for (; i < K; ++i) out[i * stride] = dot(rows + i * C, x, C);
+}
+
 // 1/k! for k = 0 .. Terms.
 template <typename T, int Terms>
 constexpr std::array<T, Terms + 1> inverse_factorials() {

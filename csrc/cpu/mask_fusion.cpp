@@ -8,7 +8,7 @@
 // where the child's pair is itself a product of mixtures, so a whole level tree's
 // prompt_map and slot_map are each one call; and a level's running modulation of
 // its k and v is updated as M <- M * pf * b_c.
-// Backward, for the output gradient grad: modulation_backward() with gm = grad.
+// Backward, for the output gradient grad: modulation_backward_block() with gm = grad.
 // mask_fusion_ writes the result into base (no autograd): a level's running
 // modulation under no_grad, which would otherwise hold its old and new values at
 // once for a moment.
@@ -88,8 +88,8 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
 
 #pragma omp parallel if (parallel)
   {
-    std::vector<T> values(J * C), mod(C);
-    ModulationScratch<T> scratch(J, C);
+    std::vector<T> values(J * C);
+    ModulationGrad<T> scratch(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
@@ -98,10 +98,17 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
       for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
         // The mixtures are recomputed: cheaper than storing J [B,N,C] tensors.
         const int64_t row = (b * N + n) * C;
-        modulation(factors, m, b, n, N, C, values.data(), mod.data());
-        modulation_backward(factors, m, b, n, N, C, values.data(), grad + row,
-                            base != nullptr ? grad_base + row : nullptr, grad_mask_ptrs.data(),
-                            table_partials.data(), scratch);
+        for_each_block<T>(C, [&](int64_t c0, auto blk) {
+          using Block = decltype(blk);
+          using U = typename Block::Unit;
+          U mod[Block::kCapacity], gm[Block::kCapacity];
+          modulation_block(factors, m, b, n, N, C, c0, blk, values.data(), mod);
+          for (int64_t u = 0; u < blk.units; ++u) gm[u] = load<U>(grad + row + c0 + u * Block::kStride);
+          modulation_backward_block(factors, m, b, n, N, C, c0, blk, values.data(), gm,
+                                    base != nullptr ? grad_base + row : nullptr,
+                                    table_partials.data(), scratch);
+        });
+        finish_mask_grads(factors, m, b, n, N, C, grad_mask_ptrs.data(), scratch);
       }
     }
   }

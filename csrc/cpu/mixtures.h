@@ -153,77 +153,83 @@ inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T
   });
 }
 
-// Per-thread scratch of modulation_backward: (factors + 1) * C values.
+// Per-thread scratch of modulation_backward_block: a block's suffix products and
+// the token's factor gradients gf_j.
 template <typename T>
-struct ModulationScratch {
-  std::vector<T> suffix, prefix;
-  ModulationScratch(int64_t factors, int64_t C) : suffix(std::max<int64_t>(factors, 1) * C), prefix(C) {}
+struct ModulationGrad {
+  std::vector<T> suffix;  // [J, kBlock]
+  std::vector<T> gf;      // [J, C]
+
+  ModulationGrad(int64_t factors, int64_t C)
+      : suffix(std::max<int64_t>(factors, 1) * kBlock<T>), gf(std::max<int64_t>(factors, 1) * C) {}
 };
 
-// Backward of modulation() for the gradient gm of mod at this token: writes
-// g_base (when the modulation has a dense factor), each factor's grad_masks
-// entries, and adds its grad_table contribution into table_partials[j], this
-// chunk's [K_j, C] partial (a chunk holds tokens of one batch item, so it touches
-// one row block of a table). `values` are modulation()'s factor mixtures.
-template <typename T>
-inline void modulation_backward(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
-                                int64_t b, int64_t n, int64_t N, int64_t C,
-                                const T* __restrict__ values, const T* __restrict__ gm,
-                                T* __restrict__ g_base, T* const* grad_masks,
-                                T* const* table_partials, ModulationScratch<T>& scratch) {
+// Backward of modulation_block, one block of channels of token (b, n), for the
+// block gm of the gradient of the modulation `m` (which has a base or factors).
+// `values` are the token's factor mixtures as modulation_block kept them. Writes
+// the block of the base's gradient into the row g_base (when `m` has a base), adds
+// each factor's table-gradient contribution to table_partials[j] (this chunk's
+// [K_j, C] partial: a chunk holds one batch item's tokens), and keeps gf_j's block
+// for finish_mask_grads, which takes the mask gradients (dots over all of C) once
+// the token's last block is done. Blockwise, the products stay in registers.
+template <typename T, typename Block>
+inline void modulation_backward_block(const std::vector<Factor<T>>& factors,
+                                      const Modulation<T>& m, int64_t b, int64_t n, int64_t N,
+                                      int64_t C, int64_t c0, Block blk, const T* values,
+                                      const typename Block::Unit* gm, T* g_base,
+                                      T* const* table_partials, ModulationGrad<T>& grad) {
+  using U = typename Block::Unit;
+  constexpr int64_t S = Block::kStride;
   const int64_t J = m.end - m.begin;
-  const T* base = m.base != nullptr ? m.base + (b * N + n) * C : nullptr;
-  if (J == 0) {  // mod = base
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) g_base[c] = gm[c];
-    return;
-  }
-  // suffix row j = prod_{l > j} f_l; below, gf_j = gm * base * prefix_j * suffix_j
-  // overwrites it, where prefix_j = prod_{l < j} f_l is carried along in `prefix`.
-  T* __restrict__ suffix = scratch.suffix.data();
-  T* __restrict__ prefix = scratch.prefix.data();
-  T* last = suffix + (J - 1) * C;
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) last[c] = T(1);
-  for (int64_t j = J - 2; j >= 0; --j) {
-    const T* __restrict__ next = suffix + (j + 1) * C;
-    const T* __restrict__ f = values + (j + 1) * C;
-    T* __restrict__ s = suffix + j * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) s[c] = next[c] * f[c];
-  }
-  if (base != nullptr) {
-    const T* __restrict__ f0 = values;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      g_base[c] = gm[c] * suffix[c] * f0[c];
-      prefix[c] = base[c];
+  // suffix_j = prod_{l > j} f_l; then gf_j = gm * base * prefix_j * suffix_j with the
+  // prefix prod_{l < j} f_l carried along (no division: a mixture may be 0).
+  T* suffix = grad.suffix.data();
+  U prefix[Block::kCapacity], total[Block::kCapacity];
+  for (int64_t u = 0; u < blk.units; ++u) total[u] = U{} + T(1);
+  for (int64_t j = J - 1; j >= 0; --j) {
+    for (int64_t u = 0; u < blk.units; ++u) {
+      store(suffix + j * kBlock<T> + u * S, total[u]);
+      total[u] *= load<U>(values + j * C + c0 + u * S);
     }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) prefix[c] = T(1);
+  }
+  const T* base = m.base != nullptr ? m.base + (b * N + n) * C + c0 : nullptr;
+  for (int64_t u = 0; u < blk.units; ++u) {
+    if (base != nullptr) {
+      store(g_base + c0 + u * S, gm[u] * total[u]);
+      prefix[u] = gm[u] * load<U>(base + u * S);
+    } else {
+      prefix[u] = gm[u];
+    }
   }
   for (int64_t j = 0; j < J; ++j) {
     const Factor<T>& f = factors[m.begin + j];
-    T* __restrict__ s = suffix + j * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) s[c] *= gm[c] * prefix[c];
-    // s now holds gf_j: one pass over it gives both gradients.
+    U gf[Block::kCapacity];
+    for (int64_t u = 0; u < blk.units; ++u) {
+      gf[u] = prefix[u] * load<U>(suffix + j * kBlock<T> + u * S);
+      prefix[u] *= load<U>(values + j * C + c0 + u * S);
+      store(grad.gf.data() + j * C + c0 + u * S, gf[u]);
+    }
     const T* w = f.weights(b, n, N);
-    const T* __restrict__ rows = f.rows(b, C);
-    T* __restrict__ partial = table_partials[m.begin + j];
-    T* gmask = grad_masks[m.begin + j] + b * f.slots * N + n;
+    T* partial = table_partials[m.begin + j] + c0;
     for (int64_t i = 0; i < f.slots; ++i) {
       const T wi = w[i * N];
-      const T* __restrict__ row = rows + i * C;
-      T* __restrict__ acc = partial + i * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) acc[c] += wi * s[c];
-      gmask[i * N] = dot(s, row, C);
+      for (int64_t u = 0; u < blk.units; ++u) {
+        T* acc = partial + i * C + u * S;
+        store(acc, load<U>(acc) + wi * gf[u]);
+      }
     }
-    const T* __restrict__ fj = values + j * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) prefix[c] *= fj[c];
+  }
+}
+
+// grad_masks_j[b, i, n] = gf_j . table_j[tb, i, :] for the token's kept gf_j.
+template <typename T>
+inline void finish_mask_grads(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
+                              int64_t b, int64_t n, int64_t N, int64_t C, T* const* grad_masks,
+                              const ModulationGrad<T>& grad) {
+  for (int64_t j = m.begin; j < m.end; ++j) {
+    const Factor<T>& f = factors[j];
+    row_dots(f.rows(b, C), grad.gf.data() + (j - m.begin) * C, f.slots, C,
+             grad_masks[j] + b * f.slots * N + n, N);
   }
 }
 

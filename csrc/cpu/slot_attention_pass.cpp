@@ -23,7 +23,7 @@
 //   gl_i = s_i (gA_i - sum_j s_j gA_j);   gk = sum_i gl_i q_i;   gq_i += gl_i k
 //   gv   = sum_i A_i g_v[i]
 // then back through the chain, stage D-1 down to 0:
-//   gm_d = gx^k * y^k_d + gx^v * y^v_d       -> modulation_backward (mixtures.h):
+//   gm_d = gx^k * y^k_d + gx^v * y^v_d       -> modulation_backward_block (mixtures.h):
 //                                               grad of the base, masks, tables
 //   gy = gx * m_d;  g weight_d += gy * h_d;  g bias_d += gy
 //   gh = gy * weight_d;  gx_{d-1} = rstd * (gh - mean(gh) - h_d * mean(gh * h_d))
@@ -261,27 +261,12 @@ inline void softmax_columns(T* __restrict__ x, int64_t K) {
   }
 }
 
-// logits[i * stride] = q_i . k for the K slots, four at a time (dot_block: k's
-// vectors loaded once per four slots, one accumulator per slot, no fold of four).
-template <typename T>
-inline void slot_logits(const T* q, const T* k, int64_t K, int64_t C, T* logits,
-                        int64_t stride) {
-  constexpr int kGroup = 4;
-  int64_t i = 0;
-  for (; i + kGroup <= K; i += kGroup) {
-    T out[kGroup][1];
-    dot_block<kGroup, 1>(q + i * C, k, C, out);
-    for (int64_t g = 0; g < kGroup; ++g) logits[(i + g) * stride] = out[g][0];
-  }
-  for (; i < K; ++i) logits[i * stride] = dot(q + i * C, k, C);
-}
-
 // s.probs = softmax over slots of q_i . k for a token's k.
 template <typename T>
 inline void slot_softmax(const Pass<T>& p, int64_t b, const T* k, Scratch<T>& s) {
   const int64_t C = p.channels, K = p.slots;
   const T* q = p.queries + b * K * C;
-  slot_logits(q, k, K, C, s.probs.data(), 1);
+  row_dots(q, k, K, C, s.probs.data(), 1);
   softmax_columns<1>(s.probs.data(), K);
 }
 
@@ -363,7 +348,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           run_chain<false>(p, b, n, s,
                            reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
                            s.k.data(), tile.rows.data() + t * tile.channel_stride);
-          slot_logits(q, s.k.data(), K, C, tile.attn.data() + t, kTile);
+          row_dots(q, s.k.data(), K, C, tile.attn.data() + t, kTile);
         }
         softmax_columns<kTile>(tile.attn.data(), K);
         for (int64_t i = 0; i < K; ++i) {
@@ -440,7 +425,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
     Scratch<T> s(p);
     Tile<T> tile(p);
     std::vector<T> g_a(K), g_mod(C);
-    ModulationScratch<T> scratch(J, C);
+    ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
@@ -511,9 +496,17 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
                 gv[c] *= mod[c];
               }
               T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
-              modulation_backward(p.factors, m, b, n, N, C, s.values.data() + m.begin * C,
-                                  g_mod.data(), g_base, grad_mask_ptrs.data(),
-                                  table_partials.data(), scratch);
+              for_each_block<T>(C, [&](int64_t c0, auto blk) {
+                using U = typename decltype(blk)::Unit;
+                U gm[decltype(blk)::kCapacity];
+                for (int64_t u = 0; u < blk.units; ++u) {
+                  gm[u] = load<U>(g_mod.data() + c0 + u * decltype(blk)::kStride);
+                }
+                modulation_backward_block(p.factors, m, b, n, N, C, c0, blk,
+                                          s.values.data() + m.begin * C, gm, g_base,
+                                          table_partials.data(), mod_grad);
+              });
+              finish_mask_grads(p.factors, m, b, n, N, C, grad_mask_ptrs.data(), mod_grad);
             }
             T* gnorm = norm_partial + d * C;
             affine_norm_backward(hk, s.stats[d].rstd_k, wk, C, gk, gnorm, gnorm + D * C);
