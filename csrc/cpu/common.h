@@ -131,6 +131,17 @@ __attribute__((always_inline)) inline void store(T* p, U x) {
   }
 }
 
+// acc += x for a block's unit: a whole vector, or (a tail block's single value)
+// into the first lane.
+template <typename T, typename U>
+__attribute__((always_inline)) inline void add_lanes(Vec<T>& acc, U x) {
+  if constexpr (std::is_same_v<U, T>) {
+    acc[0] += x;
+  } else {
+    acc += x;
+  }
+}
+
 // body(c0, block) for the blocks of [0, C): FullBlock<T>{} or the TailBlock<T> left.
 template <typename T, typename Body>
 __attribute__((always_inline)) inline void for_each_block(int64_t C, const Body& body) {

@@ -388,19 +388,30 @@ GradPartialLayout grad_partial_layout(const Pass<T>& p) {
 }
 
 // Back through one LayerNorm + affine: gx (in: gradient of y; out: gradient of
-// the stage input x_{d-1}); adds to the weight and bias partials.
+// the stage input x_{d-1}); adds to the weight and bias partials. One sweep over
+// the blocks does the affine and both sums LayerNorm's backward needs, a second
+// finishes it.
 template <typename T>
 inline void affine_norm_backward(const T* __restrict__ h, T rstd, const T* __restrict__ weight,
                                  int64_t C, T* __restrict__ gx, T* __restrict__ g_weight,
                                  T* __restrict__ g_bias) {
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    g_weight[c] += gx[c] * h[c];
-    g_bias[c] += gx[c];
-    gx[c] *= weight[c];  // now the gradient of h
-  }
-  const T mean_gh = reduce<T>(C, [=](int64_t c) { return gx[c]; }) / T(C);
-  const T mean_ghh = dot(gx, h, C) / T(C);
+  Vec<T> sums[2] = {};  // of gh and gh * h, a vector of lanes each
+  for_each_block<T>(C, [&](int64_t c0, auto blk) {
+    using U = typename decltype(blk)::Unit;
+    constexpr int64_t S = decltype(blk)::kStride;
+    for (int64_t u = 0; u < blk.units; ++u) {
+      const int64_t c = c0 + u * S;
+      const U g = load<U>(gx + c), hc = load<U>(h + c);
+      store(g_weight + c, load<U>(g_weight + c) + g * hc);
+      store(g_bias + c, load<U>(g_bias + c) + g);
+      const U gh = g * load<U>(weight + c);
+      store(gx + c, gh);
+      add_lanes<T>(sums[0], gh);
+      add_lanes<T>(sums[1], gh * hc);
+    }
+  });
+  const T mean_gh = sum_lanes(reinterpret_cast<const T*>(&sums[0])) / T(C);
+  const T mean_ghh = sum_lanes(reinterpret_cast<const T*>(&sums[1])) / T(C);
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) gx[c] = rstd * (gx[c] - mean_gh - h[c] * mean_ghh);
 }
@@ -449,9 +460,10 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 
           // Through the softmax: g_a becomes the logits' gradient gl, kept in the tile
           // for the query gradient (a product over the tile's tokens, below).
+          row_dots(gv_b, v, K, C, g_a.data(), 1);
           T weighted = 0;
           for (int64_t i = 0; i < K; ++i) {
-            g_a[i] = g_attn[(b * K + i) * N + n] + g_sum[b * K + i] + dot(gv_b + i * C, v, C);
+            g_a[i] += g_attn[(b * K + i) * N + n] + g_sum[b * K + i];
             weighted += s.probs[i] * g_a[i];
           }
           for (int64_t i = 0; i < K; ++i) {
