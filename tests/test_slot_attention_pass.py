@@ -261,6 +261,17 @@ def test_stats_cache_gives_bitwise_the_same_outputs(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_stats_cache_gives_bitwise_the_same_gradients(backend, dtype):
+    # The autograd formula hands the forward's stats output to the backward op
+    # (the CPU kernel reads it): from a valid cache, or none, the same gradients.
+    case = Case(2, tokens(backend, 263), 64, 5, CACHE_LAYOUT, dtype=dtype, seed=13)
+    plain = case.forward_backward(backend)
+    for S in range(len(CACHE_LAYOUT) + 1):
+        assert_identical(case.forward_backward(backend, plain[3][:, :, :S]), plain)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_stats_of_a_parent_pass_serve_its_child(backend):
     """A level's pass through stages 0..D-2 (its parent's stages) gives the stats
     its child's pass through stages 0..D-1 takes."""
@@ -283,7 +294,7 @@ def test_stats_of_a_parent_pass_serve_its_child(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_stats_cache_is_used_by_the_forward_and_ignored_by_the_backward(backend):
+def test_stats_cache_is_used_by_the_forward(backend):
     case = Case(2, tokens(backend, 263), 32, 4, CACHE_LAYOUT, seed=19)
     plain = case.forward_backward(backend)
     stale = plain[3].clone()
@@ -291,8 +302,7 @@ def test_stats_cache_is_used_by_the_forward_and_ignored_by_the_backward(backend)
     stale[..., 3] *= 1.5
     cached = case.forward_backward(backend, stale)
     assert not torch.equal(cached[0], plain[0])  # the forward read the cache ...
-    assert torch.equal(cached[3], stale)  # ... and passed it through,
-    assert_identical(cached[4:], plain[4:])  # but the gradients never depend on it
+    assert torch.equal(cached[3], stale)  # ... and passed it through
     # The reference ignores the cache altogether.
     assert_identical(case.forward_backward("reference", stale),
                      case.forward_backward("reference"))
@@ -326,8 +336,10 @@ def test_opcheck(backend, layout):
 def test_opcheck_backward(backend, layout):
     # The schema declares ten separate outputs: none may alias another (test_schema).
     case = Case(2, tokens(backend, 260), 8, 3, layout, seed=23).on(backend)
-    torch.library.opcheck(op_namespace(backend).slot_attention_pass_backward,
-                          (*case.grads, *case.op_args()[:12], NORM_EPS, ATTN_EPS))
+    stats = case.run(backend)[3]
+    for cached in (None, stats):  # the forward's stats, as the autograd formula passes
+        torch.library.opcheck(op_namespace(backend).slot_attention_pass_backward,
+                              (*case.grads, *case.op_args(cached)[:13], NORM_EPS, ATTN_EPS))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -479,8 +491,8 @@ def op_errors():
             a[name] = change(a[name])
         return lambda: op(*a.values())
 
-    def call_backward(grads):
-        return lambda: backward(*grads, *c.op_args()[:12], NORM_EPS, ATTN_EPS)
+    def call_backward(grads, stats=None):
+        return lambda: backward(*grads, *c.op_args(stats)[:13], NORM_EPS, ATTN_EPS)
 
     ga, gs, gv = c.grads
     return [
@@ -512,6 +524,8 @@ def op_errors():
         ("grad-sum-shape", call_backward((ga, gs[:, :2], gv)), r"grad_attn_sum must be \[B, K\]"),
         ("grad-v-shape", call_backward((ga, gs, gv[..., :7])), r"grad_attn_v must be \[B, K, C\]"),
         ("grad-dtype", call_backward((ga, gs.float(), gv)), "share one dtype"),
+        ("backward-stats-shape", call_backward(c.grads, torch.ones(2, 9, 2, 4, dtype=torch.float64)),
+         r"stats must be \[B, N, S, 4\] with S <= D = 2"),
     ]
 
 
@@ -535,7 +549,7 @@ def test_fake_kernels_on_meta_tensors(backend):
     assert attn.device.type == "meta"
     assert (attn.shape, attn_sum.shape, attn_v.shape, stats.shape) == (
         (2, 3, 10), (2, 3), (2, 3, 8), (2, 10, 2, 4))
-    grads = backward(*(g.to("meta") for g in c.grads), *meta.op_args()[:12], NORM_EPS, ATTN_EPS)
+    grads = backward(*(g.to("meta") for g in c.grads), *meta.op_args()[:13], NORM_EPS, ATTN_EPS)
     flat = [g for x in grads for g in (x if isinstance(x, list) else [x])]
     assert [g.shape for g in flat] == [t.shape for t in meta.tensors()]
     args = list(meta.op_args())

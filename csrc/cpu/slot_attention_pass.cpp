@@ -28,7 +28,9 @@
 //   gy = gx * m_d;  g weight_d += gy * h_d;  g bias_d += gy
 //   gh = gy * weight_d;  gx_{d-1} = rstd * (gh - mean(gh) - h_d * mean(gh * h_d))
 // The backward recomputes the forward chain per token (D LayerNorms and the
-// mixtures) instead of storing it: that would be 2D+J tensors of [B,N,C].
+// mixtures) instead of storing it: that would be 2D+J tensors of [B,N,C]. Only the
+// LayerNorm statistics come stored, the forward's `stats` output (D*4 values a
+// token), when the caller passes them.
 //
 // Memory layout: k_in, v_in [B,N,C] and the gradients of that shape are contiguous
 // rows of C values per token; norm weights [D,C]; queries [B,K,C]; attn [B,K,N].
@@ -203,14 +205,15 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
 // written first; the stages from there up to the next unknown one run block by
 // block in registers. The forward (Keep = false) takes the statistics of the first
 // known_stages stages from the pass and writes every stage's to `st` ([D]
-// entries); the backward (Keep = true) recomputes all of them, so its result never
-// depends on the cache, and keeps what it needs.
+// entries); the backward (Keep = true) takes them into `st` the same way and keeps
+// what it needs. The cache holds exactly what a pass computes (the same code on the
+// same rows), so a result never depends on whether statistics came from it.
 template <bool Keep, typename T>
 inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, NormStats<T>* st,
                       T* k_out, T* v_out) {
   const int64_t C = p.channels, N = p.tokens, D = p.depth;
   const int64_t row = b * N + n;
-  const int64_t known = Keep ? 0 : p.known_stages;
+  const int64_t known = p.known_stages;
   const T* xk = p.k_in + row * C;
   const T* xv = p.v_in + row * C;
   for (int64_t d = 0; d < known; ++d) {
@@ -673,7 +676,8 @@ slot_attention_pass_backward_cpu(
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
     const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, double norm_eps, double attn_eps) {
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps) {
   const char* op = "slot_attention_pass_backward";
   at::Tensor grad_k_in, grad_v_in, grad_queries;
   std::array<at::Tensor, 4> grad_norms;  // separate tensors: the schema's outputs never alias
@@ -683,8 +687,8 @@ slot_attention_pass_backward_cpu(
     std::vector<at::Tensor> storage;
     const Pass<scalar_t> p = make_pass<scalar_t>(
         op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, std::nullopt,
-        norm_eps, attn_eps, storage);
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+        attn_eps, storage);
     const int64_t B = p.batch, K = p.slots, N = p.tokens, C = p.channels;
     check_float_cpu(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in");
     check_float_cpu(op, "grad_attn_sum", grad_attn_sum, k_in.scalar_type(), "k_in");

@@ -22,7 +22,7 @@
 //   g x_{d-1} = rstd * (gh - mean(gh) - h_d * mean(gh * h_d))
 // The backward recomputes instead of storing: the chain up to stage d is rerun
 // from k_in, v_in for every stage d (D(D+1)/2 stage evaluations for D <= 8 small
-// stages), and it never uses the stats cache.
+// stages), and it never reads the stats cache (make_pass only checks it).
 //
 // Memory layout: k_in, v_in, stage bases and their gradients [B,N,C] (rows 16-byte
 // aligned, common.cuh); norm weights and biases [D,C]; queries and g_v [B,K,C];
@@ -582,7 +582,8 @@ slot_attention_pass_backward_cuda(
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
     const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, double norm_eps, double attn_eps) {
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps) {
   const char* op = "slot_attention_pass_backward";
   at::Tensor grad_k_in, grad_v_in, grad_queries;
   std::array<at::Tensor, 4> grad_norms;  // separate tensors: the schema's outputs never alias
@@ -598,8 +599,8 @@ slot_attention_pass_backward_cuda(
     PassArgs<scalar_t> p;
     const int64_t stride = make_pass<scalar_t>(
         op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, std::nullopt,
-        norm_eps, attn_eps, storage, p);
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+        attn_eps, storage, p);
     const int64_t B = k_in.size(0), N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
     const at::Device device = k_in.device();
     check_float_cuda(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in", device);

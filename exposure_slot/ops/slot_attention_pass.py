@@ -22,8 +22,9 @@ so the level's slot update input is ``attn_v / attn_sum``, and ``stats`` [B, N, 
 each stage's LayerNorm statistics per token (mean and 1/std of the k row, then of
 the v row). A later pass through the same leading stages (the level's next
 iterations, its descendants) takes them as its ``stats`` input ([B, N, S, 4], any
-S <= D) and skips recomputing them; ``stats`` is a cache, not differentiable, and
-the backward recomputes everything. The compiled kernels never write a [B, N, C]
+S <= D) and skips recomputing them; ``stats`` is a cache, not differentiable. The
+backward op takes the forward's (the autograd formula saves them: D * 4 values a
+token) and recomputes everything else. The compiled kernels never write a [B, N, C]
 tensor: every stage is recomputed per token from ``k_in``, ``v_in``, the stage
 bases and the small [B, K_j, N] masks.
 
@@ -164,9 +165,10 @@ def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, st
 
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
                    norm_k_bias, norm_v_weight, norm_v_bias, stage_bases, base_stages,
-                   factor_masks, factor_tables, factor_stages, queries, norm_eps, attn_eps):
+                   factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+                   attn_eps):
     check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-               base_stages, factor_masks, factor_tables, factor_stages, queries,
+               base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
                grads=(grad_attn, grad_attn_sum, grad_attn_v), dtypes=KERNEL_DTYPES,
                op="slot_attention_pass_backward")
     new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -176,21 +178,23 @@ def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_wei
 
 
 def _setup_context(ctx, inputs, output):
-    # Only inputs are saved: the backward recomputes the chain and the softmax.
+    # The inputs and the LayerNorm statistics: the backward recomputes the chain and
+    # the softmax.
     (k_in, v_in, nkw, nkb, nvw, nvb, bases, base_stages, masks, tables, factor_stages, queries,
      _stats, norm_eps, attn_eps) = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.lengths = (len(bases), len(masks))
     ctx.stages = (list(base_stages), list(factor_stages))
     ctx.eps = (norm_eps, attn_eps)
-    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, *bases, *masks, *tables)
+    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, output[3], *bases, *masks,
+                          *tables)
 
 
 def _backward_of(namespace: str):
     backward_op = getattr(torch.ops, namespace).slot_attention_pass_backward
 
     def backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
-        k_in, v_in, nkw, nkb, nvw, nvb, queries, *lists = ctx.saved_tensors
+        k_in, v_in, nkw, nkb, nvw, nvb, queries, stats, *lists = ctx.saved_tensors
         num_bases, num_factors = ctx.lengths
         bases = lists[:num_bases]
         masks = lists[num_bases:num_bases + num_factors]
@@ -198,7 +202,7 @@ def _backward_of(namespace: str):
         base_stages, factor_stages = ctx.stages
         grads = backward_op(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw,
                             nvb, bases, base_stages, masks, tables, factor_stages, queries,
-                            *ctx.eps)
+                            stats, *ctx.eps)
         (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
         return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
                 g_tables, _no_grad(factor_stages), g_queries, None, None, None)
