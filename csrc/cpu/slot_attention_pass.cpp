@@ -438,7 +438,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
   {
     Scratch<T> s(p);
     Tile<T> tile(p);
-    std::vector<T> g_a(K), g_mod(C);
+    std::vector<T> g_a(K);
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)
@@ -503,19 +503,21 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
             const T* bv = p.norm_v_bias + d * C;
             const Modulation<T>& m = p.stages[d];
             if (!m.empty()) {
-              const T* __restrict__ mod = s.mod_rows[d];
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                g_mod[c] = gk[c] * (hk[c] * wk[c] + bk[c]) + gv[c] * (hv[c] * wv[c] + bv[c]);
-                gk[c] *= mod[c];
-                gv[c] *= mod[c];
-              }
+              const T* mod = s.mod_rows[d];
               T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
+              // Per block: the modulation's gradient gm (straight into its backward),
+              // then gk, gv times the modulation (the gradients of the affine's output).
               for_each_block<T>(C, [&](int64_t c0, auto blk) {
                 using U = typename decltype(blk)::Unit;
+                constexpr int64_t S = decltype(blk)::kStride;
                 U gm[decltype(blk)::kCapacity];
                 for (int64_t u = 0; u < blk.units; ++u) {
-                  gm[u] = load<U>(g_mod.data() + c0 + u * decltype(blk)::kStride);
+                  const int64_t c = c0 + u * S;
+                  const U gk_c = load<U>(gk + c), gv_c = load<U>(gv + c), mod_c = load<U>(mod + c);
+                  gm[u] = gk_c * (load<U>(hk + c) * load<U>(wk + c) + load<U>(bk + c)) +
+                          gv_c * (load<U>(hv + c) * load<U>(wv + c) + load<U>(bv + c));
+                  store(gk + c, gk_c * mod_c);
+                  store(gv + c, gv_c * mod_c);
                 }
                 modulation_backward_block(p.factors, m, b, n, N, C, c0, blk,
                                           s.values.data() + m.begin * C, gm, g_base,
