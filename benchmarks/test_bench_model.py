@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from conftest import is_short
+from conftest import is_short, peak_bytes
 from torch.utils.flop_counter import FlopCounterMode
 
 import exposure_slot as es
@@ -47,21 +47,6 @@ def build(variant: str, level: int):
     model.backend = "auto"  # the C++ slot attention where it is built
     return optimize_for_inference(model, torch.bfloat16 if variant == "cpu-bf16" else torch.float32,
                                   winograd=variant != "cpu-direct")
-
-
-def peak_bytes(fn) -> int:
-    """The most CPU memory that ``fn`` holds at once: the running sum, in time order,
-    of the profiler's allocations (each op's own) and frees (``[memory]`` events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    changes = sorted(((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                      if e.self_cpu_memory_usage), key=lambda change: change[0])
-    live = peak = 0
-    for _, delta in changes:
-        live += delta
-        peak = max(peak, live)
-    return peak
 
 
 def conv_and_matmul_flops(level: int, side: int) -> int:
