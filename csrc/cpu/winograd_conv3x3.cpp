@@ -153,9 +153,9 @@ __attribute__((always_inline)) inline T* tile_points(T* buffer, int64_t slot, in
   return buffer + slot * kPoints * channels;
 }
 
-// The tile's 6x6 input pixels are first copied into its block of V (zeros for
-// padding), then transformed in place, channel vector by channel vector: along
-// each row, then down each column.
+// Channel vector by channel vector, the tile's 6x6 input pixels are loaded straight
+// from x (zeros for padding) and transformed in registers, along each row, then
+// down each column; only the 36 transformed vectors are stored.
 template <typename T>
 void input_transform(const Geometry& g, const T* x, const int64_t* channel_shifts, int64_t tile,
                      int64_t slot, T* V) {
@@ -163,29 +163,29 @@ void input_transform(const Geometry& g, const T* x, const int64_t* channel_shift
   const int64_t b = tile / (g.tiles_y * g.tiles_x);
   const int64_t y0 = (tile / g.tiles_x) % g.tiles_y * kTile - 1;
   const int64_t x0 = tile % g.tiles_x * kTile - 1;
-  T* points = tile_points(V, slot, g.in_channels);
+  // Where each of the tile's pixels starts in x, or -1 for a padding zero.
+  int64_t pixel[kSpan][kSpan];
   for (int i = 0; i < kSpan; ++i) {
     const int64_t row = source_row(y0 + i, g.height, g.reflect);
     for (int j = 0; j < kSpan; ++j) {
       const int64_t col = source_row(x0 + j, g.width, g.reflect);
-      T* to = points + (i * kSpan + j) * L;
-      if (row < 0 || col < 0) {
-        for (int64_t v = 0; v < g.in_channels / L; ++v) store(to + v * kPoints * L, Vec<T>{});
-      } else {
-        const T* from = x + b * g.x_batch + row * g.unshuffle * g.x_row + col * g.unshuffle * g.x_pixel;
-        for (int64_t v = 0; v < g.in_channels / L; ++v) {
-          store(to + v * kPoints * L, load<Vec<T>>(from + channel_shifts[v]));
-        }
-      }
+      pixel[i][j] = row < 0 || col < 0 ? -1
+                                       : b * g.x_batch + row * g.unshuffle * g.x_row +
+                                             col * g.unshuffle * g.x_pixel;
     }
   }
-  for (T* d = points; d < points + kPoints * g.in_channels; d += kPoints * L) {
+  T* points = tile_points(V, slot, g.in_channels);
+  for (int64_t v = 0; v < g.in_channels / L; ++v) {
+    const T* from = x + channel_shifts[v];
+    T* d = points + v * kPoints * L;
     Vec<T> rows[kSpan][kSpan];
 #pragma GCC unroll 6
     for (int i = 0; i < kSpan; ++i) {
       Vec<T> pixels[kSpan];
 #pragma GCC unroll 6
-      for (int j = 0; j < kSpan; ++j) pixels[j] = load<Vec<T>>(d + (i * kSpan + j) * L);
+      for (int j = 0; j < kSpan; ++j) {
+        pixels[j] = pixel[i][j] < 0 ? Vec<T>{} : load<Vec<T>>(from + pixel[i][j]);
+      }
       transform(kInputTransform, pixels, 1, rows[i], 1);
     }
 #pragma GCC unroll 6
