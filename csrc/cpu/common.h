@@ -26,12 +26,12 @@
 
 namespace exposure_slot::cpu {
 
-// Sums over a token's C channels: reduce(C, term) = sum_c term(c). A plain loop
-// (or `omp simd reduction`) keeps one vector accumulator, so each sum is a chain of
-// C/16 dependent adds, and a token's dozen such sums (LayerNorm statistics, slot
-// logits) made the kernels latency-bound. Here kLanes independent partial sums
-// (four AVX-512 registers) cut the chain to C/kLanes, then fold as a tree. The
-// order of additions is fixed by the code, so results are reproducible bit for bit.
+// Sums over a token's C channels (LayerNorm statistics). A plain loop (or `omp simd
+// reduction`) keeps one vector accumulator, so each sum is a chain of C/16
+// dependent adds, and a token's several such sums made the kernels latency-bound.
+// kLanes independent partial sums (four AVX-512 registers) cut the chain to
+// C/kLanes, then fold as a tree. The order of additions is fixed by the code, so
+// results are reproducible bit for bit. (Dot products: dot_block, below.)
 template <typename T>
 constexpr int64_t kLanes = 256 / sizeof(T);
 template <typename T>
@@ -58,24 +58,6 @@ __attribute__((always_inline)) inline T sum_lanes(const T* acc) {
   T total = 0;
   for (int64_t w = 0; w < kVectorLanes<T>; ++w) total += acc[w];
   return total;
-}
-
-template <typename T, typename Term>
-__attribute__((always_inline)) inline T reduce(int64_t C, const Term& term) {
-  T acc[kLanes<T>] = {};
-  int64_t c = 0;
-  for (; c + kLanes<T> <= C; c += kLanes<T>) {
-    for (int64_t w = 0; w < kLanes<T>; ++w) acc[w] += term(c + w);
-  }
-  for (int64_t w = 0; c < C; ++c, ++w) acc[w] += term(c);  // fewer than kLanes left
-  fold<kLanes<T>>(acc);
-  return sum_lanes(acc);
-}
-
-template <typename T>
-__attribute__((always_inline)) inline T dot(const T* __restrict__ a, const T* __restrict__ b,
-                                            int64_t C) {
-  return reduce<T>(C, [=](int64_t c) { return a[c] * b[c]; });
 }
 
 // Blocks of channels. Per-token loops over C go block by block, and everything a
@@ -150,11 +132,38 @@ __attribute__((always_inline)) inline void for_each_block(int64_t C, const Body&
   if (c0 < C) body(c0, TailBlock<T>{C - c0});
 }
 
+// lanes[m] = the sum of the lanes of in[(m % 4) * 4 + m / 4], for 16 registers of
+// float: a transposing tree of shuffles and adds (16 -> 8 -> 4 -> 2 -> 1 registers,
+// 45 instructions) instead of a horizontal sum per register (~8 each). The order of
+// the additions is fixed, so results are reproducible bit for bit.
+#if defined(__AVX512F__)
+inline void sum_lanes_16(const Vec<float> (&in)[16], float* lanes) {
+  __m512 half[8], quarter[4], eighth[2];
+  for (int k = 0; k < 8; ++k) {  // [a0+a2, a1+a3, b0+b2, b1+b3] in 128-bit quarters
+    const __m512 a = in[2 * k], b = in[2 * k + 1];
+    half[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k) {  // quarter L: in[4k + L]'s four partial sums
+    const __m512 a = half[2 * k], b = half[2 * k + 1];
+    quarter[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  }
+  for (int k = 0; k < 2; ++k) {
+    const __m512 a = quarter[2 * k], b = quarter[2 * k + 1];
+    eighth[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  // Pairs of floats moved as doubles, added as floats.
+  const __m512d a = _mm512_castps_pd(eighth[0]), b = _mm512_castps_pd(eighth[1]);
+  _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                                        _mm512_castpd_ps(_mm512_unpackhi_pd(a, b))));
+}
+#endif
+
 // out[j][r] = dot(w[j], x[r]) for Jb rows of w and Rb rows of x (rows of `in`
 // values): Jb * Rb vector accumulators, one per dot, each vector of w and x loaded
-// once per block. Where there are several dots to take, this beats `dot` one at a
-// time, which spends as much on its four accumulators' loads and fold as on the
-// multiply-adds (the slot update's matrix products, a token's slot logits).
+// once per block. Where there are several dots to take, this beats one dot at a
+// time, which spends as much on its accumulators' loads and horizontal sum as on
+// the multiply-adds (the slot update's matrix products, a tile's slot logits, a
+// token's mask gradients). A float block of 4 x 4 takes its 16 sums together.
 template <int Jb, int Rb, typename T>
 inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
   using V = Vec<T>;
@@ -178,28 +187,56 @@ inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
       for (int r = 0; r < Rb; ++r) acc[j][r] += wv[j] * xv[r];
     }
   }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && Jb == 4 && Rb == 4) {
+    V in_order[16];
+    for (int j = 0; j < 4; ++j) {
+      for (int r = 0; r < 4; ++r) in_order[4 * r + j] = acc[j][r];
+    }
+    float lanes[16];
+    sum_lanes_16(in_order, lanes);  // lanes[4 j + r] = the sum of acc[j][r]
+    for (int j = 0; j < 4; ++j) {
+      for (int r = 0; r < 4; ++r) out[j][r] = lanes[4 * j + r];
+    }
+  } else
+#endif
+  {
+    for (int j = 0; j < Jb; ++j) {
+      for (int r = 0; r < Rb; ++r) out[j][r] = sum_lanes(reinterpret_cast<const T*>(&acc[j][r]));
+    }
+  }
   for (int j = 0; j < Jb; ++j) {
     for (int r = 0; r < Rb; ++r) {
-      T total = sum_lanes(reinterpret_cast<const T*>(&acc[j][r]));
-      for (int64_t t = c; t < in; ++t) total += w[j * in + t] * x[r * in + t];
-      out[j][r] = total;
+      for (int64_t t = c; t < in; ++t) out[j][r] += w[j * in + t] * x[r * in + t];
     }
   }
 }
 
+// body.template operator()<G>(i0) for the groups [i0, i0 + G) of [0, K): groups of
+// four, then the one to three left as one group (G a compile-time constant, so a
+// group's accumulators stay in registers).
+template <typename Body>
+inline void for_each_group_of_4(int64_t K, const Body& body) {
+  int64_t i0 = 0;
+  for (; i0 + 4 <= K; i0 += 4) body.template operator()<4>(i0);
+  switch (K - i0) {
+    case 3: body.template operator()<3>(i0); break;
+    case 2: body.template operator()<2>(i0); break;
+    case 1: body.template operator()<1>(i0); break;
+    default: break;
+  }
+}
+
 // out[i * stride] = rows_i . x for K rows of C values (a token's slot logits, its
-// mask gradients), four rows at a time: dot_block loads x's vectors once per four
-// rows and keeps one accumulator per row, instead of a fold of four per dot.
+// mask gradients), a group of up to four rows at a time: dot_block loads x's
+// vectors once per group and keeps one accumulator per row.
 template <typename T>
 inline void row_dots(const T* rows, const T* x, int64_t K, int64_t C, T* out, int64_t stride) {
-  constexpr int kGroup = 4;
-  int64_t i = 0;
-  for (; i + kGroup <= K; i += kGroup) {
-    T dots[kGroup][1];
-    dot_block<kGroup, 1>(rows + i * C, x, C, dots);
-    for (int64_t g = 0; g < kGroup; ++g) out[(i + g) * stride] = dots[g][0];
-  }
-  for (; i < K; ++i) out[i * stride] = dot(rows + i * C, x, C);
+  for_each_group_of_4(K, [&]<int G>(int64_t i0) {
+    T dots[G][1];
+    dot_block<G, 1>(rows + i0 * C, x, C, dots);
+    for (int64_t g = 0; g < G; ++g) out[(i0 + g) * stride] = dots[g][0];
+  });
 }
 
 // 1/k! for k = 0 .. Terms.

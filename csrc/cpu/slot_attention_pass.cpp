@@ -98,14 +98,14 @@ struct Scratch {
   std::vector<const T*> mod_rows;   // [D] each stage's modulation: in `mod`, its base
                                     // row itself (no factors), or null (neither)
   std::vector<T> values;            // [J,C] factor mixtures (backward)
-  std::vector<T> k, v;              // [C] the chain's outputs
+  std::vector<T> v;                 // [C] the chain's v output (backward)
   std::vector<T> probs;             // [K] softmax s_i
 
   Scratch(const Pass<T>& p)
       : C(p.channels),
         h_k(p.depth * C), h_v(p.depth * C), stats(p.depth),
         mod(p.depth * C), mod_rows(p.depth), values(std::max<size_t>(p.factors.size(), 1) * C),
-        k(C), v(C),
+        v(C),
         probs(p.slots) {}
 };
 
@@ -276,55 +276,89 @@ inline void slot_softmax(const Pass<T>& p, int64_t b, const T* k, Scratch<T>& s)
 // ---------------------------------------------------------------- forward
 
 // Both passes take the tokens of a chunk in tiles of kTile. In the forward the
-// chain runs token by token (into s.k and a row of the tile's rows, v), then the
-// tile's softmax runs vectorised over its tokens (logits stored slot-major), and
-// its A * v sums as a small matrix product: kSlotGroup slots against one vector of
-// channels, accumulated in registers over the tile's tokens, so that a row of the
-// chunk's partial is loaded and stored once per tile rather than once per token.
-// The backward sums the query gradient gl * k the same way.
+// chain runs token by token (into the tile's rows of k and of v), then the tile's
+// logits are a small matrix product (queries x keys, blocks of 4 slots x 4 tokens,
+// dot_block), its softmax runs vectorised over its tokens (logits stored
+// slot-major), and its A * v sums are another: kSlotGroup slots against one vector
+// of channels, accumulated in registers over the tile's tokens, so that a row of
+// the chunk's partial is loaded and stored once per tile rather than once per
+// token. The backward sums the query gradient gl * k the same way.
 constexpr int64_t kTile = 16;
 constexpr int64_t kSlotGroup = 4;
+constexpr int64_t kTokenGroup = 4;  // the tokens of a block of the tile's logits
+static_assert(kTile % kTokenGroup == 0);
 
 template <typename T>
 struct Tile {
   int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup and kBlock
-  std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A (0 past K)
+  std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A
   std::vector<T> rows;                  // [kTile, channel_stride] (0 past C): the tokens'
                                         // v in the forward, their k in the backward
+  std::vector<T> keys;                  // [kTile, C]: the tokens' k (forward)
+  std::vector<T> queries;               // [slot_stride, C]: the batch item's queries,
+                                        // 0 past K (forward)
 
   explicit Tile(const Pass<T>& p)
       : slot_stride((p.slots + kSlotGroup - 1) / kSlotGroup * kSlotGroup),
         channel_stride((p.channels + kBlock<T> - 1) / kBlock<T> * kBlock<T>),
         attn(kTile * slot_stride, T(0)),
-        rows(kTile * channel_stride, T(0)) {}
+        rows(kTile * channel_stride, T(0)),
+        keys(kTile * p.channels, T(0)),
+        queries(slot_stride * p.channels, T(0)) {}
 };
 
-// partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :].
-// A block of kSlotGroup slots x two vectors of channels keeps eight independent
-// accumulators in registers, enough to hide the latency of their FMAs.
+// tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
+// tile's tokens, rounded up to kTokenGroup (rows past `count` hold an earlier
+// token's k or zeros: finite, and never read back).
 template <typename T>
-inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
-                               T* __restrict__ partial) {
-  constexpr int64_t W = kBlock<T>;
-  const T* __restrict__ a = tile.attn.data();
-  const T* __restrict__ v = tile.rows.data();
-  for (int64_t i0 = 0; i0 < K; i0 += kSlotGroup) {
-    for (int64_t c0 = 0; c0 < C; c0 += W) {
-      T acc[kSlotGroup][W] = {};
-      for (int64_t t = 0; t < count; ++t) {
-        const T* v_t = v + t * tile.channel_stride + c0;
-        for (int64_t g = 0; g < kSlotGroup; ++g) {
-#pragma omp simd
-          for (int64_t w = 0; w < W; ++w) acc[g][w] += a[(i0 + g) * kTile + t] * v_t[w];
-        }
-      }
-      const int64_t width = std::min(W, C - c0);
-      for (int64_t g = 0; g < std::min(kSlotGroup, K - i0); ++g) {
-        T* __restrict__ dst = partial + (i0 + g) * C + c0;
-        for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
+inline void tile_logits(Tile<T>& tile, int64_t count, int64_t C) {
+  for (int64_t i0 = 0; i0 < tile.slot_stride; i0 += kSlotGroup) {
+    for (int64_t t0 = 0; t0 < count; t0 += kTokenGroup) {
+      T dots[kSlotGroup][kTokenGroup];
+      dot_block<kSlotGroup, kTokenGroup>(tile.queries.data() + i0 * C,
+                                         tile.keys.data() + t0 * C, C, dots);
+      for (int64_t g = 0; g < kSlotGroup; ++g) {
+        for (int64_t r = 0; r < kTokenGroup; ++r) tile.attn[(i0 + g) * kTile + t0 + r] = dots[g][r];
       }
     }
   }
+}
+
+// partial[i0 + g, :] += sum over the tile's `count` tokens t of attn[i0 + g, t] *
+// rows[t, :] for G slots: G slots x two vectors of channels in registers.
+template <int G, typename T>
+inline void slot_group_weighted_sums(const Tile<T>& tile, int64_t count, int64_t i0, int64_t C,
+                                     T* __restrict__ partial) {
+  constexpr int64_t W = kBlock<T>;
+  const T* __restrict__ a = tile.attn.data() + i0 * kTile;
+  const T* __restrict__ v = tile.rows.data();
+  for (int64_t c0 = 0; c0 < C; c0 += W) {
+    T acc[G][W] = {};
+    for (int64_t t = 0; t < count; ++t) {
+      const T* v_t = v + t * tile.channel_stride + c0;
+      for (int64_t g = 0; g < G; ++g) {
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) acc[g][w] += a[g * kTile + t] * v_t[w];
+      }
+    }
+    const int64_t width = std::min(W, C - c0);
+    for (int64_t g = 0; g < G; ++g) {
+      T* __restrict__ dst = partial + (i0 + g) * C + c0;
+      for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
+    }
+  }
+}
+
+// partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :],
+// a group of up to kSlotGroup slots at a time: eight (or fewer) independent
+// accumulators, enough to hide the latency of their FMAs.
+template <typename T>
+inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
+                               T* __restrict__ partial) {
+  static_assert(kSlotGroup == 4, "for_each_group_of_4 makes the groups");
+  for_each_group_of_4(K, [&]<int G>(int64_t i0) {
+    slot_group_weighted_sums<G>(tile, count, i0, C, partial);
+  });
 }
 
 template <typename T>
@@ -341,27 +375,30 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
-      const T* q = p.queries + b * K * C;
+      std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
       T* sum_partial = partials.chunk(chunk);
       T* v_partial = sum_partial + K;
-      for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
-        const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
+      const int64_t chunk_end = chunks.end(chunk, N);
+      for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
+        const int64_t count = std::min(kTile, chunk_end - n0);
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
           run_chain<false>(p, b, n, s,
                            reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
-                           s.k.data(), tile.rows.data() + t * tile.channel_stride);
-          row_dots(q, s.k.data(), K, C, tile.attn.data() + t, kTile);
+                           tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
         }
+        tile_logits(tile, count, C);
         softmax_columns<kTile>(tile.attn.data(), K);
         for (int64_t i = 0; i < K; ++i) {
-          T* attn_row = attn + (b * K + i) * N + n0;
-          for (int64_t t = 0; t < count; ++t) {
-            const T a = tile.attn[i * kTile + t] + p.attn_eps;
-            tile.attn[i * kTile + t] = a;
-            attn_row[t] = a;
-            sum_partial[i] += a;
+          T* a = tile.attn.data() + i * kTile;
+          T total = 0;
+#pragma omp simd reduction(+ : total)
+          for (int64_t t = 0; t < kTile; ++t) {
+            a[t] += p.attn_eps;
+            total += t < count ? a[t] : T(0);
           }
+          sum_partial[i] += total;
+          std::copy_n(a, count, attn + (b * K + i) * N + n0);
         }
         tile_weighted_sums(tile, count, K, C, v_partial);
       }
