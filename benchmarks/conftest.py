@@ -13,19 +13,21 @@ median of every backend, and "x/fast" ratios of the reference and compiled backe
 over each fast one measured in the same run. ``record.note`` and ``record.peak``
 add a floor or a peak memory to a group.
 
-By default the session first tells glibc to keep freed memory (see
-keep_freed_memory); README.md explains why and what plain malloc costs.
+By default the session first tells glibc to keep freed blocks of up to 1 GiB
+(``exposure_slot.keep_freed_memory``; the command line tool keeps up to 64 MiB);
+README.md explains why and what plain malloc costs.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+
+from exposure_slot import keep_freed_memory
 
 # Backends in summary order; the first two are what the fast ones are measured against.
 BASELINES = ("reference", "compiled")
@@ -80,21 +82,6 @@ def pytest_addoption(parser):
     parser.addoption("--bench-plain-malloc", action="store_true",
                      help="leave glibc's malloc thresholds alone (fresh outputs may be "
                           "page-faulted in on every call)")
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory mapped (mmap and trim thresholds of 1 GiB), so a
-    fresh output reuses pages that are already there, as with a caching allocator.
-    Left alone, glibc's adaptive thresholds decide from the heap's history whether an
-    8 to 32 MiB output is faulted in afresh (about 0.6 us per 4 KiB page on this VM),
-    and the same benchmark takes 0.7 ms in one session and 3.8 ms in the next."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-        libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def peak_bytes(fn) -> int:

@@ -9,6 +9,7 @@ Public API:
     optimize_for_inference  a frozen, faster copy of a model for CPU inference
     compile_for             a fixed-shape engine (CUDA graphs on a GPU) for video frames
     infer_large             exact inference on images of any size in bounded memory
+    keep_freed_memory       stop repeated CPU forwards page-faulting their tensors in
     available_backends      the kernel backends that work on this install
 """
 
@@ -17,6 +18,7 @@ import torch  # noqa: F401  (torch first: the extension links against its librar
 from .backends import available_backends
 from .checkpoint import CheckpointError, export_official, load_official
 from .engine import CompiledExposureSlot, compile_for
+from .host_memory import keep_freed_memory
 from .inference import InferenceExposureSlot, optimize_for_inference
 from .network import ExposureOutput, ExposureSlot
 from .pretrained import load_pretrained
@@ -36,6 +38,7 @@ __all__ = [
     "compile_for",
     "CompiledExposureSlot",
     "infer_large",
+    "keep_freed_memory",
     "CheckpointError",
     "available_backends",
 ]

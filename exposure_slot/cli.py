@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Sequence
 
 from .enhance import Enhancer, expand_inputs, one_line
+from .host_memory import keep_freed_memory
+
+CLI_KEPT_BLOCK = 64 << 20
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -231,6 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    # Every command runs many CPU forwards or training steps in this one process.
+    # Blocks of up to 64 MiB: larger ones kept would grow the heap with photos of
+    # mixed sizes and break a --max-memory budget (exposure_slot/host_memory.py).
+    keep_freed_memory(CLI_KEPT_BLOCK)
     try:
         return args.func(args)
     except _UsageError as exc:
