@@ -22,6 +22,7 @@
 #include <limits>
 #include <type_traits>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 namespace exposure_slot::cpu {
@@ -59,6 +60,31 @@ __attribute__((always_inline)) inline T sum_lanes(const T* acc) {
   for (int64_t w = 0; w < kVectorLanes<T>; ++w) total += acc[w];
   return total;
 }
+
+// Per-thread scratch whose rows the kernels load and store as whole vectors.
+// std::vector's storage comes from malloc, aligned to 16 bytes only, so every
+// 64-byte load or store of it spanned two cache lines (a split access costs about
+// two); on 64-byte boundaries a row of C = 128 floats is eight whole lines. That
+// alone made the Winograd convolutions 2-14% and a slot-attention pass ~5% faster
+// (benchmarks/README.md, tenth session).
+constexpr std::size_t kCacheLine = 64;
+
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(kCacheLine)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(kCacheLine)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
+
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Blocks of channels. Per-token loops over C go block by block, and everything a
 // block needs from stage to stage (a modulation, a LayerNorm output) stays in
@@ -322,14 +348,17 @@ struct Chunking {
   }
 };
 
-// Per-chunk partial sums: every chunk owns `stride` values; a quantity is a
+// Per-chunk partial sums: every chunk owns `size` values (`stride` apart, a whole
+// number of cache lines, so a chunk's block starts on a line); a quantity is a
 // range [offset, offset + size) of each chunk's block.
 template <typename T>
 struct Partials {
   int64_t stride;
-  std::vector<T> values;  // [chunk, stride], zero-initialised
+  AlignedVector<T> values;  // [chunk, stride], zero-initialised
 
-  Partials(int64_t chunks, int64_t stride_) : stride(stride_), values(chunks * stride_, T(0)) {}
+  Partials(int64_t chunks, int64_t size)
+      : stride((size * sizeof(T) + kCacheLine - 1) / kCacheLine * kCacheLine / sizeof(T)),
+        values(chunks * stride, T(0)) {}
   T* chunk(int64_t c) { return values.data() + c * stride; }
 
   // out[g, :size] = sum over the chunks of group g, in chunk order, of the range

@@ -88,7 +88,7 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
 
 #pragma omp parallel if (parallel)
   {
-    std::vector<T> values(J * C);
+    AlignedVector<T> values(J * C);
     ModulationGrad<T> scratch(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)

@@ -157,8 +157,8 @@ inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T
 // the token's factor gradients gf_j.
 template <typename T>
 struct ModulationGrad {
-  std::vector<T> suffix;  // [J, kBlock]
-  std::vector<T> gf;      // [J, C]
+  AlignedVector<T> suffix;  // [J, kBlock]
+  AlignedVector<T> gf;      // [J, C]
 
   ModulationGrad(int64_t factors, int64_t C)
       : suffix(std::max<int64_t>(factors, 1) * kBlock<T>), gf(std::max<int64_t>(factors, 1) * C) {}

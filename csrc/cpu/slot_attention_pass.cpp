@@ -92,14 +92,14 @@ struct NormStats {
 template <typename T>
 struct Scratch {
   int64_t C;
-  std::vector<T> h_k, h_v;          // [D,C] normalised inputs of each stage (backward)
+  AlignedVector<T> h_k, h_v;        // [D,C] normalised inputs of each stage (backward)
   std::vector<NormStats<T>> stats;  // [D] (backward)
-  std::vector<T> mod;               // [D,C] stage modulations made of factors
+  AlignedVector<T> mod;             // [D,C] stage modulations made of factors
   std::vector<const T*> mod_rows;   // [D] each stage's modulation: in `mod`, its base
                                     // row itself (no factors), or null (neither)
-  std::vector<T> values;            // [J,C] factor mixtures (backward)
-  std::vector<T> v;                 // [C] the chain's v output (backward)
-  std::vector<T> probs;             // [K] softmax s_i
+  AlignedVector<T> values;          // [J,C] factor mixtures (backward)
+  AlignedVector<T> v;               // [C] the chain's v output (backward)
+  AlignedVector<T> probs;           // [K] softmax s_i
 
   Scratch(const Pass<T>& p)
       : C(p.channels),
@@ -291,11 +291,11 @@ static_assert(kTile % kTokenGroup == 0);
 template <typename T>
 struct Tile {
   int64_t slot_stride, channel_stride;  // K and C rounded up to kSlotGroup and kBlock
-  std::vector<T> attn;                  // [slot_stride, kTile]: logits, then A
-  std::vector<T> rows;                  // [kTile, channel_stride] (0 past C): the tokens'
+  AlignedVector<T> attn;                // [slot_stride, kTile]: logits, then A
+  AlignedVector<T> rows;                // [kTile, channel_stride] (0 past C): the tokens'
                                         // v in the forward, their k in the backward
-  std::vector<T> keys;                  // [kTile, C]: the tokens' k (forward)
-  std::vector<T> queries;               // [slot_stride, C]: the batch item's queries,
+  AlignedVector<T> keys;                // [kTile, C]: the tokens' k (forward)
+  AlignedVector<T> queries;             // [slot_stride, C]: the batch item's queries,
                                         // 0 past K (forward)
 
   explicit Tile(const Pass<T>& p)
@@ -365,7 +365,7 @@ template <typename T>
 void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots;
   const Chunking chunks(p.batch, N);
-  // A chunk's partial: attn_sum [K] then attn_v [K,C].
+  // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K].
   Partials<T> partials(chunks.count, K + K * C);
   const bool parallel = p.batch * N * C * (K + 4 * p.depth) >= kMinParallelWork;
 #pragma omp parallel if (parallel)
@@ -376,8 +376,8 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
       std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
-      T* sum_partial = partials.chunk(chunk);
-      T* v_partial = sum_partial + K;
+      T* v_partial = partials.chunk(chunk);
+      T* sum_partial = v_partial + K * C;
       const int64_t chunk_end = chunks.end(chunk, N);
       for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
         const int64_t count = std::min(kTile, chunk_end - n0);
@@ -404,8 +404,8 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
       }
     }
   }
-  partials.reduce(chunks, 0, K, true, attn_sum, parallel);
-  partials.reduce(chunks, K, K * C, true, attn_v, parallel);
+  partials.reduce(chunks, 0, K * C, true, attn_v, parallel);
+  partials.reduce(chunks, K * C, K, true, attn_sum, parallel);
 }
 
 // ---------------------------------------------------------------- backward
@@ -475,7 +475,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
   {
     Scratch<T> s(p);
     Tile<T> tile(p);
-    std::vector<T> g_a(K);
+    AlignedVector<T> g_a(K);
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)

@@ -111,7 +111,7 @@ template <typename T>
 void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Weights& w,
                    int64_t R, int64_t C, T scale, T eps, T* new_slots, T* queries) {
   const auto p = [](const at::Tensor& t) { return t.const_data_ptr<T>(); };
-  std::vector<T> u(R * C), gi(R * 3 * C), gh(R * 3 * C), h(R * C), normed(R * C),
+  AlignedVector<T> u(R * C), gi(R * 3 * C), gh(R * 3 * C), h(R * C), normed(R * C),
       hidden(R * C);
   const auto identity = [](T x) { return x; };
   const auto relu = [](T x) { return x > T(0) ? x : T(0); };

@@ -307,7 +307,7 @@ void convolution_kernel(const Geometry& g, const T* x, const T* U, const T* bias
   }
 #pragma omp parallel if (g.tiles * g.in_channels * g.out_channels >= kMinParallelWork)
   {
-    std::vector<T> V(kPoints * block * g.in_channels), Y(kPoints * block * g.out_channels);
+    AlignedVector<T> V(kPoints * block * g.in_channels), Y(kPoints * block * g.out_channels);
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t first = blk * block, count = std::min(block, g.tiles - first);
