@@ -61,6 +61,11 @@ __attribute__((always_inline)) inline T sum_lanes(const T* acc) {
   return total;
 }
 
+// n rounded up to a multiple of `multiple` (a padded stride).
+constexpr int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
 // Per-thread scratch whose rows the kernels load and store as whole vectors.
 // std::vector's storage comes from malloc, aligned to 16 bytes only, so every
 // 64-byte load or store of it spanned two cache lines (a split access costs about
@@ -357,7 +362,7 @@ struct Partials {
   AlignedVector<T> values;  // [chunk, stride], zero-initialised
 
   Partials(int64_t chunks, int64_t size)
-      : stride((size * sizeof(T) + kCacheLine - 1) / kCacheLine * kCacheLine / sizeof(T)),
+      : stride(round_up(size, kCacheLine / sizeof(T))),
         values(chunks * stride, T(0)) {}
   T* chunk(int64_t c) { return values.data() + c * stride; }
 

@@ -299,8 +299,8 @@ struct Tile {
                                         // 0 past K (forward)
 
   explicit Tile(const Pass<T>& p)
-      : slot_stride((p.slots + kSlotGroup - 1) / kSlotGroup * kSlotGroup),
-        channel_stride((p.channels + kBlock<T> - 1) / kBlock<T> * kBlock<T>),
+      : slot_stride(round_up(p.slots, kSlotGroup)),
+        channel_stride(round_up(p.channels, kBlock<T>)),
         attn(kTile * slot_stride, T(0)),
         rows(kTile * channel_stride, T(0)),
         keys(kTile * p.channels, T(0)),
