@@ -20,8 +20,10 @@ README.md explains why and what plain malloc costs.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -31,6 +33,9 @@ from exposure_slot import keep_freed_memory
 
 # Backends in summary order; the first two are what the fast ones are measured against.
 BASELINES = ("reference", "compiled")
+# At full size every backend is timed over at least this long (Recorder.time).
+MIN_SECONDS = 1.0
+MAX_ROUNDS = 100
 
 
 @dataclass
@@ -54,8 +59,16 @@ class Recorder:
              warmup_rounds: int = 2) -> float | None:
         """Times ``target`` (which must return None: pytest-benchmark keeps a returned
         result alive into the next round) after one untimed call (compilation);
-        returns the median in seconds, None under --benchmark-disable."""
+        returns the median in seconds, None under --benchmark-disable. At full size
+        the rounds grow until they span at least MIN_SECONDS (at most MAX_ROUNDS), so
+        that a fast backend's median is not taken over a fraction of a second, where
+        one burst of the shared machine's noise moves it by 10-20%."""
         target()
+        if not self.short:
+            start = time.perf_counter()
+            target()
+            once = time.perf_counter() - start
+            rounds = max(rounds, min(MAX_ROUNDS, math.ceil(MIN_SECONDS / max(once, 1e-9))))
         benchmark.group = group
         benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup_rounds)
         if benchmark.stats is None:
