@@ -57,6 +57,21 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor[] grad_factor_tables, Tensor grad_queries)",
       {at::Tag::pt2_compliant_tag});
 
+  // A parent level's pass for inference: slot_attention_pass, and what it hands
+  // its child: hand_down <- m * pf with m the modulation of the pass's last stage
+  // and pf = sum_i attn_i * prompts_i, per token (hand_down may be that stage's
+  // base, its running modulation, updated in place: a token's row is read before
+  // it is written); stats gets one more stage, the statistics of the child's
+  // first LayerNorm, whose input is the last stage's affine output times m * pf.
+  m.def(
+      "slot_attention_pass_hand_down(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
+      "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
+      "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
+      "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps, "
+      "Tensor prompts, Tensor(a!) hand_down) "
+      "-> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats)",
+      {at::Tag::pt2_compliant_tag});
+
   // A slot level's update between two passes, for inference: from the slots
   // [B,K,C] and the pass's attn_sum [B,K] and attn_v [B,K,C], the GRU, the
   // refining MLP (pre-LayerNorm, residual) and the next pass's queries

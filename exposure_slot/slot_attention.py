@@ -17,10 +17,13 @@ Two implementations of the same computation:
   (masks, table) factors, and hands them to two ops: ``slot_attention_pass``
   (a level's attention, with the chain of LayerNorms and modulations from the top
   level's inputs recomputed per token) and ``mask_fusion`` (a product of mixtures,
-  for a level's running modulation and the two outputs). Memory beyond the
-  inputs: the two [B, N, C] outputs
-  the [B, K, N] attention maps, and one running modulation per level that has a
-child (a level's product of pf * b_c over its iterations so far, [B, N, C]).
+  for a level's running modulation and the two outputs). Under inference on "cpu"
+  a level with a child runs ``slot_attention_pass_hand_down`` instead, which
+  multiplies pf (and the child's b of the previous iteration) into the running
+  modulation in place and hands the child its LayerNorm statistics. Memory beyond
+  the inputs: the two [B, N, C] outputs, the [B, K, N] attention maps, and one
+  running modulation per level that has a child (a level's product of pf * b_c
+  over its iterations so far, [B, N, C]).
 """
 
 from __future__ import annotations
@@ -201,14 +204,31 @@ class SlotInSlotAttention(nn.Module):
                 return ops.mask_fusion_(masks, tables, base, backend=backend, validate_args=False)
             return ops.mask_fusion(masks, tables, base, backend=backend, validate_args=False)
 
+        # Under inference on "cpu" a parent's pass hands its child its input itself
+        # (slot_attention_pass_hand_down): it multiplies pf, and the child's b from
+        # the previous iteration (`pending`), into the running modulation in place,
+        # and computes the statistics of the child's first LayerNorm, which its
+        # passes would otherwise take from the tokens.
+        hand_down = has_child and fused_update
+        pending: list[tuple] = []
         for iteration in range(self.iters):
-            stages = chain + [(running, [])]
+            stages = chain + [(running, pending)]
             factors = [f for _, stage_factors in stages for f in stage_factors]
-            attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
-                k_in, v_in, *(n[:depth + 1] for n in norms), [base for base, _ in stages],
-                [m for m, _ in factors], [t for _, t in factors],
-                [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
-                queries, stats, level.norm_k_inp.eps, EPS, backend=backend, validate_args=False)
+            args = (k_in, v_in, *(n[:depth + 1] for n in norms), [base for base, _ in stages],
+                    [m for m, _ in factors], [t for _, t in factors],
+                    [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
+                    queries, stats, level.norm_k_inp.eps, EPS)
+            if hand_down:
+                if running is None:
+                    running = k_in.new_empty(k_in.shape)
+                attn, attn_sum, attn_v, child_stats = ops.slot_attention_pass_hand_down(
+                    *args, level.prompts, running, backend=backend, validate_args=False)
+                if stats is None:  # the top level: its own stage's, for its next passes
+                    stats = child_stats[:, :, :depth + 1].contiguous()
+            else:
+                attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
+                    *args, backend=backend, validate_args=False)
+                child_stats = stats
             if fused_update:
                 slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights,
                                                  level.scale, level.norm_slots.eps,
@@ -218,7 +238,9 @@ class SlotInSlotAttention(nn.Module):
                 queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
-                if inference:
+                if hand_down:
+                    handed_down = (running, [])
+                elif inference:
                     # The child's modulation running * pf, made once for all its
                     # passes (and its descendants'), where its passes would each
                     # recompute the mixture per token; running = running * pf * b_c
@@ -228,9 +250,12 @@ class SlotInSlotAttention(nn.Module):
                 else:
                     handed_down = (running, [pf])
                 child_a, child_b, child_masks = self._fused_level(
-                    depth + 1, chain + [handed_down], stats, k_in, v_in, norms, backend)
+                    depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
-                running = fuse_into(running, child_b if inference else [pf] + child_b)
+                if hand_down:
+                    pending = child_b
+                else:
+                    running = fuse_into(running, child_b if inference else [pf] + child_b)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
                 [attn] + child_masks)
 

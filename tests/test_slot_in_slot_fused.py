@@ -104,6 +104,8 @@ def assert_all_match(actual, expected, rel):
 
 
 def check_against_reference(slots, B, N, C, iters, transposed, seed=0):
+    """Training (outputs and gradients) and inference (its own ops: the fused slot
+    update, the parents' hand-down passes) against the reference."""
     reference, fused = make_pair(C, slots, iters, seed=seed)
     k, v = make_inputs(B, N, C, seed=seed + 1, transposed=transposed)
     out_e, grad_e = forward_backward(reference, k, v)
@@ -112,6 +114,10 @@ def check_against_reference(slots, B, N, C, iters, transposed, seed=0):
     for a, e in zip(out_a, out_e, strict=True):
         assert_matches(a, e, F64_TOL)
     assert_all_match(grad_a, grad_e, F64_TOL)
+    with torch.inference_mode():
+        inference = flat(fused(k, v))
+    for a, e in zip(inference, out_e, strict=True):
+        assert_matches(a, e, F64_TOL)
 
 
 # ---------------------------------------------------------------- property-based parity
@@ -221,6 +227,19 @@ def test_torch_compile_fullgraph_level2():
     for a, e in zip(out_c, out_e, strict=True):
         assert_matches(a, e, F64_TOL)
     assert_all_match(grad_c, grad_e, F64_TOL)
+
+
+@requires_kernels
+def test_torch_compile_fullgraph_inference_level3():
+    # Under inference the graph holds the in-place ops too: the hand-down passes,
+    # which write the running modulations, and the fused slot updates.
+    _, eager = make_pair(16, (3, 7, 10), iters=2, seed=15)
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
+    k, v = make_inputs(2, 97, 16, seed=16)
+    with torch.no_grad():
+        expected, actual = flat(eager(k, v)), flat(compiled(k, v))
+    for a, e in zip(actual, expected, strict=True):
+        assert_matches(a, e, F64_TOL)
 
 
 @requires_kernels

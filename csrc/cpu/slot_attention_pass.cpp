@@ -1,5 +1,6 @@
 // One slot-attention pass of one level on the CPU: forward and backward of
-// exposure_slot::slot_attention_pass.
+// exposure_slot::slot_attention_pass, and the forward of
+// exposure_slot::slot_attention_pass_hand_down (a parent's pass under inference).
 //
 // Formula. A level at depth D-1 sees the top level's inputs through a chain of D
 // stages (SPEC section 1: every level LayerNorms its input, and a parent hands its
@@ -17,6 +18,16 @@
 // written: the chain is recomputed per token from k_in, v_in, the small [B,K,N]
 // masks of earlier passes and the stages' bases (a level's running modulation,
 // kept as one [B,N,C] tensor per level rather than as a growing list of factors).
+//
+// Hand-down (a level with a child, inference): once a tile's A is known, per token
+//   pf = sum_i A_i prompts_i;   hand_down = m_{D-1} * pf
+//   stats[D] = LayerNorm statistics of k * pf and of v * pf
+// that is, the child's modulation of its parent's stage and the statistics of its
+// own first LayerNorm (its input is y_{D-1} * m_{D-1} * pf), which the child's
+// passes then read instead of computing. hand_down may be the last stage's base
+// (the level's running modulation, updated in place): a token's row is read by its
+// chain before its tile writes it. This replaces a separate product of mixtures
+// over [B,N,C] and the statistics every child's first pass computed.
 //
 // Backward, for gradients g_attn, g_sum, g_v of the three outputs:
 //   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
@@ -63,6 +74,19 @@
 namespace exposure_slot::cpu {
 namespace {
 
+// What a parent level's pass hands its child (slot_attention_pass_hand_down):
+// the parent's last-stage modulation times pf = sum_i A_i * prompts_i, per token.
+template <typename T>
+struct HandDown {
+  T* modulation = nullptr;  // [B,N,C], written (may be the last stage's base)
+  const T* prompts = nullptr;  // [TB,K,C]
+  bool prompts_batched = false;
+
+  const T* rows(int64_t b, int64_t K, int64_t C) const {
+    return prompts + (prompts_batched ? b * K * C : 0);
+  }
+};
+
 template <typename T>
 struct Pass {
   int64_t batch, tokens, channels, slots, depth;
@@ -78,6 +102,11 @@ struct Pass {
   T norm_eps, attn_eps;
   std::vector<Factor<T>> factors;
   std::vector<Modulation<T>> stages;  // [D]
+  HandDown<T> hand_down;              // slot_attention_pass_hand_down only
+
+  // Stages of the `stats` output: the pass's own, and with a hand-down its child's
+  // first.
+  int64_t stats_stages() const { return depth + (hand_down.modulation != nullptr); }
 };
 
 // LayerNorm statistics of a token's k and v rows at one stage. Stored per token
@@ -109,6 +138,23 @@ struct Scratch {
         probs(p.slots) {}
 };
 
+// The statistics from the sums over C of x - shift and of its squares, for k
+// (sums[0], sums[1]) and v (sums[2], sums[3]).
+template <typename T>
+inline NormStats<T> finish_norm_stats(T shift_k, T shift_v, const T (&sums)[4], int64_t C,
+                                      T eps) {
+  auto finish = [&](T shift, T sum, T squares, T& mean, T& rstd) {
+    const T shifted_mean = sum / T(C);
+    const T var = std::max(squares / T(C) - shifted_mean * shifted_mean, T(0));
+    mean = shift + shifted_mean;
+    rstd = T(1) / std::sqrt(var + eps);
+  };
+  NormStats<T> st;
+  finish(shift_k, sums[0], sums[1], st.mean_k, st.rstd_k);
+  finish(shift_v, sums[2], sums[3], st.mean_v, st.rstd_v);
+  return st;
+}
+
 // Both rows' statistics in one pass over them: sums of x - x[0] and of its
 // squares (shifting by the row's first value keeps the cancellation in
 // E[d^2] - E[d]^2 to that of the row's own spread). The four sums are
@@ -135,29 +181,26 @@ inline NormStats<T> norm_stats(const T* __restrict__ xk, const T* __restrict__ x
     fold<kLanes<T>>(acc[r]);
     sums[r] = sum_lanes(acc[r]);
   }
-  auto finish = [&](T shift, T sum, T squares, T& mean, T& rstd) {
-    const T shifted_mean = sum / T(C);
-    const T var = std::max(squares / T(C) - shifted_mean * shifted_mean, T(0));
-    mean = shift + shifted_mean;
-    rstd = T(1) / std::sqrt(var + eps);
-  };
-  NormStats<T> st;
-  finish(shift_k, sums[0], sums[1], st.mean_k, st.rstd_k);
-  finish(shift_v, sums[2], sums[3], st.mean_v, st.rstd_v);
-  return st;
+  return finish_norm_stats(shift_k, shift_v, sums, C, eps);
 }
+
+// What a token's chain keeps besides its output rows: nothing (a pass), its last
+// stage's modulation when that has factors (a hand-down, into a row `last_mod`), or
+// everything the backward needs (h_d, the modulation rows, the factors' mixtures,
+// into the Scratch).
+enum class Kept { nothing, last_modulation, chain };
 
 // Stages [d0, d1) of one block of channels (from c0) of a token's chain, from the
 // rows xk, xv (the input of stage d0) to k_out, v_out (which may be xk, xv: a
 // block is read before it is written). The block's k, v and modulation stay in
-// registers from stage to stage; every stage's statistics are known. With Keep,
-// also h_d, the modulation rows and the factors' mixtures for the backward.
-template <bool Keep, typename T, typename Block>
+// registers from stage to stage; every stage's statistics are known.
+template <Kept What, typename T, typename Block>
 inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<T>* st,
                         int64_t d0, int64_t d1, int64_t c0, Block blk, const T* xk,
-                        const T* xv, Scratch<T>& s, T* k_out, T* v_out) {
+                        const T* xv, Scratch<T>& s, T* last_mod, T* k_out, T* v_out) {
   using U = typename Block::Unit;
   constexpr int64_t S = Block::kStride;
+  constexpr bool kChain = What == Kept::chain;
   const int64_t C = p.channels, N = p.tokens;
   U k[Block::kCapacity], v[Block::kCapacity], mod[Block::kCapacity];
   for (int64_t u = 0; u < blk.units; ++u) {
@@ -169,7 +212,7 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
     const int64_t at = d * C + c0;
     for (int64_t u = 0; u < blk.units; ++u) {
       const U hk = (k[u] - sd.mean_k) * sd.rstd_k, hv = (v[u] - sd.mean_v) * sd.rstd_v;
-      if constexpr (Keep) {
+      if constexpr (kChain) {
         store(s.h_k.data() + at + u * S, hk);
         store(s.h_v.data() + at + u * S, hv);
       }
@@ -179,9 +222,11 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
     const Modulation<T>& m = p.stages[d];
     if (m.end > m.begin) {
       modulation_block(p.factors, m, b, n, N, C, c0, blk,
-                       Keep ? s.values.data() + m.begin * C : nullptr, mod);
+                       kChain ? s.values.data() + m.begin * C : nullptr, mod);
+      const bool keep_last = What == Kept::last_modulation && d == p.depth - 1;
       for (int64_t u = 0; u < blk.units; ++u) {
-        if constexpr (Keep) store(s.mod.data() + at + u * S, mod[u]);
+        if constexpr (kChain) store(s.mod.data() + at + u * S, mod[u]);
+        if (keep_last) store(last_mod + c0 + u * S, mod[u]);
         k[u] *= mod[u];
         v[u] *= mod[u];
       }
@@ -203,14 +248,15 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
 // Runs the token's chain into k_out, v_out ([C] each). A stage whose statistics are
 // not known takes them from its input rows, which the stages before it must have
 // written first; the stages from there up to the next unknown one run block by
-// block in registers. The forward (Keep = false) takes the statistics of the first
-// known_stages stages from the pass and writes every stage's to `st` ([D]
-// entries); the backward (Keep = true) takes them into `st` the same way and keeps
-// what it needs. The cache holds exactly what a pass computes (the same code on the
-// same rows), so a result never depends on whether statistics came from it.
-template <bool Keep, typename T>
+// block in registers. The forward takes the statistics of the first known_stages
+// stages from the pass and writes every stage's to `st` (its [D] entries of the
+// `stats` output); the backward (Kept::chain) takes them into `st` the same way
+// and keeps what it needs. The cache holds exactly what a pass computes (the same
+// code on the same rows), so a result never depends on whether statistics came
+// from it.
+template <Kept What, typename T>
 inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, NormStats<T>* st,
-                      T* k_out, T* v_out) {
+                      T* last_mod, T* k_out, T* v_out) {
   const int64_t C = p.channels, N = p.tokens, D = p.depth;
   const int64_t row = b * N + n;
   const int64_t known = p.known_stages;
@@ -224,13 +270,13 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, Nor
     if (d0 >= known) st[d0] = norm_stats(xk, xv, C, p.norm_eps);
     const int64_t d1 = d0 < known ? known : d0 + 1;
     for_each_block<T>(C, [&](int64_t c0, auto blk) {
-      chain_block<Keep>(p, b, n, st, d0, d1, c0, blk, xk, xv, s, k_out, v_out);
+      chain_block<What>(p, b, n, st, d0, d1, c0, blk, xk, xv, s, last_mod, k_out, v_out);
     });
     xk = k_out;
     xv = v_out;
     d0 = d1;
   }
-  if constexpr (Keep) {
+  if constexpr (What == Kept::chain) {
     for (int64_t d = 0; d < D; ++d) {
       const Modulation<T>& m = p.stages[d];
       s.mod_rows[d] = m.end > m.begin ? s.mod.data() + d * C
@@ -297,6 +343,8 @@ struct Tile {
   AlignedVector<T> keys;                // [kTile, C]: the tokens' k (forward)
   AlignedVector<T> queries;             // [slot_stride, C]: the batch item's queries,
                                         // 0 past K (forward)
+  AlignedVector<T> last_mod;            // [kTile, C]: the tokens' last-stage modulation
+                                        // (a hand-down whose last stage has factors)
 
   explicit Tile(const Pass<T>& p)
       : slot_stride(round_up(p.slots, kSlotGroup)),
@@ -304,7 +352,8 @@ struct Tile {
         attn(kTile * slot_stride, T(0)),
         rows(kTile * channel_stride, T(0)),
         keys(kTile * p.channels, T(0)),
-        queries(slot_stride * p.channels, T(0)) {}
+        queries(slot_stride * p.channels, T(0)),
+        last_mod(p.hand_down.modulation != nullptr ? kTile * p.channels : 0) {}
 };
 
 // tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
@@ -361,9 +410,57 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
   });
 }
 
+// A hand-down for the tile's tokens, once their A is known: with
+// pf = sum_i A_i * prompts_i, the child's modulation m * pf (m: the last stage's)
+// into hand_down.modulation, and into each token's `st` entry D the LayerNorm
+// statistics of the child's first stage, whose inputs are k * pf and v * pf (the
+// child computes them as y * (m * pf): the same values up to rounding).
 template <typename T>
+inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int64_t n0,
+                           int64_t count, NormStats<T>* stats) {
+  const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
+  const T* prompts = p.hand_down.rows(b, K, C);
+  const Modulation<T>& last = p.stages[D - 1];
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t row = b * N + n0 + t;
+    const T* weights = tile.attn.data() + t;  // A_i at weights[i * kTile]
+    const T* mod = last.end > last.begin ? tile.last_mod.data() + t * C
+                   : last.base != nullptr ? last.base + row * C
+                                          : nullptr;
+    const T* k = tile.keys.data() + t * C;
+    const T* v = tile.rows.data() + t * tile.channel_stride;
+    T* out = p.hand_down.modulation + row * C;
+    // Shifted sums, as norm_stats takes them (x[0]: the first channel's pf).
+    T pf0 = 0;
+    for (int64_t i = 0; i < K; ++i) pf0 += weights[i * kTile] * prompts[i * C];
+    const T shift_k = k[0] * pf0, shift_v = v[0] * pf0;
+    Vec<T> acc[4] = {};
+    for_each_block<T>(C, [&](int64_t c0, auto blk) {
+      using Block = decltype(blk);
+      using U = typename Block::Unit;
+      constexpr int64_t S = Block::kStride;
+      U pf[Block::kCapacity];
+      mix_block(weights, kTile, prompts + c0, K, C, blk, pf);
+      for (int64_t u = 0; u < blk.units; ++u) {
+        const int64_t c = c0 + u * S;
+        store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
+        const U dk = load<U>(k + c) * pf[u] - shift_k, dv = load<U>(v + c) * pf[u] - shift_v;
+        add_lanes<T>(acc[0], dk);
+        add_lanes<T>(acc[1], dk * dk);
+        add_lanes<T>(acc[2], dv);
+        add_lanes<T>(acc[3], dv * dv);
+      }
+    });
+    T sums[4];
+    for (int r = 0; r < 4; ++r) sums[r] = sum_lanes(reinterpret_cast<const T*>(&acc[r]));
+    stats[(n0 + t) * (D + 1) + D] = finish_norm_stats(shift_k, shift_v, sums, C, p.norm_eps);
+  }
+}
+
+template <Kept What, typename T>
 void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots;
+  const int64_t stats_stages = p.stats_stages();
   const Chunking chunks(p.batch, N);
   // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K].
   Partials<T> partials(chunks.count, K + K * C);
@@ -375,6 +472,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
+      NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(stats) + b * N * stats_stages;
       std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
       T* v_partial = partials.chunk(chunk);
       T* sum_partial = v_partial + K * C;
@@ -383,9 +481,9 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
         const int64_t count = std::min(kTile, chunk_end - n0);
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
-          run_chain<false>(p, b, n, s,
-                           reinterpret_cast<NormStats<T>*>(stats) + (b * N + n) * p.depth,
-                           tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
+          T* last_mod = What == Kept::last_modulation ? tile.last_mod.data() + t * C : nullptr;
+          run_chain<What>(p, b, n, s, item_stats + n * stats_stages, last_mod,
+                          tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
         }
         tile_logits(tile, count, C);
         softmax_columns<kTile>(tile.attn.data(), K);
@@ -401,6 +499,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           std::copy_n(a, count, attn + (b * K + i) * N + n0);
         }
         tile_weighted_sums(tile, count, K, C, v_partial);
+        if constexpr (What == Kept::last_modulation) hand_down_tile(p, tile, b, n0, count, item_stats);
       }
     }
   }
@@ -492,7 +591,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
           T* k = tile.rows.data() + t * tile.channel_stride;
-          run_chain<true>(p, b, n, s, s.stats.data(), k, s.v.data());
+          run_chain<Kept::chain, T>(p, b, n, s, s.stats.data(), nullptr, k, s.v.data());
           slot_softmax(p, b, k, s);
           T* __restrict__ gk = grad_k_in + (b * N + n) * C;
           T* __restrict__ gv = grad_v_in + (b * N + n) * C;
@@ -680,6 +779,55 @@ Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in
   return p;
 }
 
+// The forward of both ops: with `prompts` and `hand_down`, the hand-down's too.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
+    const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias, at::TensorList stage_bases,
+    at::IntArrayRef base_stages, at::TensorList factor_masks, at::TensorList factor_tables,
+    at::IntArrayRef factor_stages, const at::Tensor& queries,
+    const std::optional<at::Tensor>& stats, double norm_eps, double attn_eps,
+    const at::Tensor* prompts, at::Tensor* hand_down) {
+  at::Tensor attn, attn_sum, attn_v, stats_out;
+  check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
+  AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
+    std::vector<at::Tensor> storage;
+    Pass<scalar_t> p = make_pass<scalar_t>(
+        op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+        attn_eps, storage);
+    if (hand_down != nullptr) {
+      const int64_t B = p.batch, K = p.slots, C = p.channels;
+      check_float_cpu(op, "prompts", *prompts, k_in.scalar_type(), "k_in");
+      TORCH_CHECK(prompts->dim() == 3 && (prompts->size(0) == 1 || prompts->size(0) == B) &&
+                      prompts->size(1) == K && prompts->size(2) == C,
+                  op, ": prompts must be [B or 1, K, C] = [", B, " or 1, ", K, ", ", C,
+                  "] (K from queries, B and C from k_in), got shape ", prompts->sizes());
+      check_float_cpu(op, "hand_down", *hand_down, k_in.scalar_type(), "k_in");
+      check_shape(op, "hand_down", *hand_down, k_in.sizes(), "[B, N, C] like k_in");
+      TORCH_CHECK(hand_down->is_contiguous(), op,
+                  ": hand_down must be contiguous to be written in place");
+      storage.push_back(prompts->contiguous());
+      p.hand_down = {hand_down->mutable_data_ptr<scalar_t>(),
+                     storage.back().const_data_ptr<scalar_t>(), prompts->size(0) != 1};
+    }
+    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
+    attn_sum = at::empty({p.batch, p.slots}, k_in.options());
+    attn_v = at::empty({p.batch, p.slots, p.channels}, k_in.options());
+    stats_out = at::empty({p.batch, p.tokens, p.stats_stages(), 4}, k_in.options());
+    auto run = [&](auto kernel) {
+      kernel(p, attn.mutable_data_ptr<scalar_t>(), attn_sum.mutable_data_ptr<scalar_t>(),
+             attn_v.mutable_data_ptr<scalar_t>(), stats_out.mutable_data_ptr<scalar_t>());
+    };
+    if (hand_down != nullptr) {
+      run(forward_kernel<Kept::last_modulation, scalar_t>);
+    } else {
+      run(forward_kernel<Kept::nothing, scalar_t>);
+    }
+  });
+  return {attn, attn_sum, attn_v, stats_out};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
@@ -687,24 +835,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_c
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
     const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
     double attn_eps) {
-  at::Tensor attn, attn_sum, attn_v, stats_out;
-  check_float_cpu("slot_attention_pass", "k_in", k_in, k_in.scalar_type(), "k_in");
-  AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
-    std::vector<at::Tensor> storage;
-    const Pass<scalar_t> p = make_pass<scalar_t>(
-        "slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
-        norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
-        queries, stats, norm_eps, attn_eps, storage);
-    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
-    attn_sum = at::empty({p.batch, p.slots}, k_in.options());
-    attn_v = at::empty({p.batch, p.slots, p.channels}, k_in.options());
-    stats_out = at::empty({p.batch, p.tokens, p.depth, 4}, k_in.options());
-    forward_kernel<scalar_t>(p, attn.mutable_data_ptr<scalar_t>(),
-                             attn_sum.mutable_data_ptr<scalar_t>(),
-                             attn_v.mutable_data_ptr<scalar_t>(),
-                             stats_out.mutable_data_ptr<scalar_t>());
-  });
-  return {attn, attn_sum, attn_v, stats_out};
+  return forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+                 norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables,
+                 factor_stages, queries, stats, norm_eps, attn_eps, nullptr, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_hand_down_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down) {
+  return forward("slot_attention_pass_hand_down", k_in, v_in, norm_k_weight, norm_k_bias,
+                 norm_v_weight, norm_v_bias, stage_bases, base_stages, factor_masks,
+                 factor_tables, factor_stages, queries, stats, norm_eps, attn_eps, &prompts,
+                 &hand_down);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -777,4 +923,6 @@ slot_attention_pass_backward_cpu(
 TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {
   m.impl("slot_attention_pass", &exposure_slot::cpu::slot_attention_pass_cpu);
   m.impl("slot_attention_pass_backward", &exposure_slot::cpu::slot_attention_pass_backward_cpu);
+  m.impl("slot_attention_pass_hand_down",
+         &exposure_slot::cpu::slot_attention_pass_hand_down_cpu);
 }

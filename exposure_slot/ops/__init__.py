@@ -43,7 +43,8 @@ from . import slot_attention_pass as _slot_attention_pass
 from . import slot_update as _slot_update
 from . import winograd_conv3x3 as _winograd_conv3x3
 from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
-from .slot_attention_pass import slot_attention_pass_reference
+from .slot_attention_pass import (slot_attention_pass_hand_down_reference,
+                                  slot_attention_pass_reference)
 from .slot_update import slot_update_reference
 
 if _C is not None:
@@ -54,7 +55,9 @@ if _C is not None:
 
 __all__ = ["cpu_kernels_available", "cuda_kernels_available", "triton_kernels_available",
            "BACKEND_DTYPES", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
-           "slot_attention_pass", "slot_attention_pass_reference", "slot_update",
+           "slot_attention_pass", "slot_attention_pass_hand_down",
+           "slot_attention_pass_hand_down_reference", "slot_attention_pass_reference",
+           "slot_update",
            "slot_update_reference"]
 
 
@@ -160,6 +163,49 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
                          f"None) per stage, D = {depth}, got {len(stage_bases)}")
     return _select("slot_attention_pass", backend, slot_attention_pass_reference, k_in.device)(
         *args, float(norm_eps), float(attn_eps))
+
+
+def slot_attention_pass_hand_down(k_in: torch.Tensor, v_in: torch.Tensor,
+                                  norm_k_weight: torch.Tensor, norm_k_bias: torch.Tensor,
+                                  norm_v_weight: torch.Tensor, norm_v_bias: torch.Tensor,
+                                  stage_bases: Sequence[torch.Tensor | None],
+                                  factor_masks: Sequence[torch.Tensor],
+                                  factor_tables: Sequence[torch.Tensor],
+                                  factor_stages: Sequence[int], queries: torch.Tensor,
+                                  stats: torch.Tensor | None, norm_eps: float,
+                                  attn_eps: float, prompts: torch.Tensor,
+                                  hand_down: torch.Tensor, *, backend: str = "reference",
+                                  validate_args: bool = True):
+    """A parent level's pass, for inference: ``slot_attention_pass``, and what the
+    parent hands its child. With ``m`` the modulation of the pass's last stage (its
+    base times its factors; 1 if it has neither) and ``pf = sum_i attn_i *
+    prompts_i`` (prompts [B or 1, K, C]), writes ``m * pf`` into ``hand_down``
+    [B, N, C] (contiguous; it may be the last stage's base, which is then updated in
+    place) and returns ``stats`` with one more stage, [B, N, D + 1, 4]: the
+    statistics of the child's first LayerNorm, which its passes then take instead of
+    computing. Compiled for the "cpu" backend only; no autograd (refuses tensors
+    that require grad while grad mode is on); "reference" runs the twin anywhere."""
+    bases = [t for t in stage_bases if t is not None]
+    base_stages = [d for d, t in enumerate(stage_bases) if t is not None]
+    args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
+            base_stages, list(factor_masks), list(factor_tables),
+            [int(s) for s in factor_stages], queries, stats)
+    op = "slot_attention_pass_hand_down"
+    if validate_args:
+        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend), op=op)
+        _slot_attention_pass.check_hand_down(k_in, queries, prompts, hand_down, op=op)
+        if len(stage_bases) != norm_k_weight.shape[0]:
+            raise ValueError(f"{op}: stage_bases must have one entry (a tensor or None) per "
+                             f"stage, D = {norm_k_weight.shape[0]}, got {len(stage_bases)}")
+    if backend not in ("reference", "cpu"):
+        raise ValueError(f"{op}: compiled for the 'cpu' backend only; got backend {backend!r}")
+    tensors = (*args[:6], *bases, *factor_masks, *factor_tables, queries, prompts, hand_down)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op}: for inference, with no autograd; use slot_attention_pass and "
+                           "mask_fusion when gradients are needed (or call it under "
+                           "torch.no_grad())")
+    return _select(op, backend, slot_attention_pass_hand_down_reference, k_in.device)(
+        *args, float(norm_eps), float(attn_eps), prompts, hand_down)
 
 
 def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tensor,

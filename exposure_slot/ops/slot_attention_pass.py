@@ -35,9 +35,18 @@ has at most one base); ``factor_masks``/``factor_tables`` lists of [B, K_j, N] /
 plus stage indices rather than one optional entry per stage: torch.library's
 autograd does not differentiate lists with None entries.)
 
-This module is the op's Python side: the reference twin, argument checks, fake
+A parent level's pass under inference (backend "cpu") is
+``slot_attention_pass_hand_down``: the same pass, which also hands its child its
+input. With ``m`` the modulation of the pass's last stage (its base times its
+factors, or 1) and ``pf = sum_i attn_i * prompts_i``, it writes ``m * pf`` into
+``hand_down`` (which may be that stage's base: the level's running modulation,
+updated in place) and returns ``stats`` with one more stage, [B, N, D + 1, 4]: the
+statistics of the child's first LayerNorm, whose input is ``k * pf`` and ``v *
+pf``. No autograd (training hands the child ``pf`` as a factor instead).
+
+This module is the ops' Python side: the reference twins, argument checks, fake
 kernels and autograd (backward by recomputation, ``slot_attention_pass_backward``).
-The C++ kernel is ``csrc/cpu/slot_attention_pass.cpp``.
+The C++ kernels are in ``csrc/cpu/slot_attention_pass.cpp``.
 """
 
 from __future__ import annotations
@@ -53,6 +62,41 @@ from .mask_fusion import KERNEL_DTYPES, check_factors, mask_fusion_reference
 NORM_NAMES = ("norm_k_weight", "norm_k_bias", "norm_v_weight", "norm_v_bias")
 
 
+def _reference_chain(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                     stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+                     norm_eps):
+    """The chain's k and v, every stage's statistics (a list of [B, N] tensors: mean
+    and 1/std of k, then of v, stage by stage), and its last stage's affine outputs
+    and modulation (None for 1)."""
+    k, v = k_in, v_in
+    channels = k_in.shape[-1]
+    all_stats = []
+    for d in range(norm_k_weight.shape[0]):
+        all_stats += _row_stats(k, v, norm_eps)
+        k = F.layer_norm(k, (channels,), norm_k_weight[d], norm_k_bias[d], norm_eps)
+        v = F.layer_norm(v, (channels,), norm_v_weight[d], norm_v_bias[d], norm_eps)
+        stage = [j for j, s in enumerate(factor_stages) if s == d]
+        base = next((t for t, s in zip(stage_bases, base_stages) if s == d), None)
+        mod = mask_fusion_reference([factor_masks[j] for j in stage],
+                                    [factor_tables[j] for j in stage], base)
+        last = (k, v, mod)
+        if mod is not None:
+            k, v = k * mod, v * mod
+    return k, v, all_stats, last
+
+
+def _row_stats(k, v, norm_eps):
+    out = []
+    for x in (k, v):
+        var, mean = torch.var_mean(x.detach(), dim=-1, correction=0)
+        out += [mean, (var + norm_eps).rsqrt()]
+    return out
+
+
+def _stack_stats(all_stats):
+    return torch.stack(all_stats, dim=-1).unflatten(-1, (-1, 4))  # [B, N, S, 4]
+
+
 def slot_attention_pass_reference(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
                                   norm_v_bias, stage_bases: Sequence[torch.Tensor],
                                   base_stages: Sequence[int],
@@ -62,24 +106,28 @@ def slot_attention_pass_reference(k_in, v_in, norm_k_weight, norm_k_bias, norm_v
                                   attn_eps: float):
     """The pass in plain PyTorch (differentiable, any device): (attn, attn_sum,
     attn_v, stats). It ignores the ``stats`` input (a cache) and computes all."""
-    k, v = k_in, v_in
-    channels = k_in.shape[-1]
-    all_stats = []
-    for d in range(norm_k_weight.shape[0]):
-        for x in (k, v):
-            var, mean = torch.var_mean(x.detach(), dim=-1, correction=0)
-            all_stats += [mean, (var + norm_eps).rsqrt()]
-        k = F.layer_norm(k, (channels,), norm_k_weight[d], norm_k_bias[d], norm_eps)
-        v = F.layer_norm(v, (channels,), norm_v_weight[d], norm_v_bias[d], norm_eps)
-        stage = [j for j, s in enumerate(factor_stages) if s == d]
-        base = next((t for t, s in zip(stage_bases, base_stages) if s == d), None)
-        mod = mask_fusion_reference([factor_masks[j] for j in stage],
-                                    [factor_tables[j] for j in stage], base)
-        if mod is not None:
-            k, v = k * mod, v * mod
+    k, v, all_stats, _ = _reference_chain(
+        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, norm_eps)
     attn = torch.bmm(queries, k.transpose(1, 2)).softmax(dim=1) + attn_eps
-    stats_out = torch.stack(all_stats, dim=-1).unflatten(-1, (-1, 4))  # [B, N, D, 4]
-    return attn, attn.sum(dim=-1), torch.bmm(attn, v), stats_out
+    return attn, attn.sum(dim=-1), torch.bmm(attn, v), _stack_stats(all_stats)
+
+
+def slot_attention_pass_hand_down_reference(k_in, v_in, norm_k_weight, norm_k_bias,
+                                            norm_v_weight, norm_v_bias, stage_bases,
+                                            base_stages, factor_masks, factor_tables,
+                                            factor_stages, queries, stats, norm_eps: float,
+                                            attn_eps: float, prompts, hand_down):
+    """The hand-down pass in plain PyTorch: the pass's outputs, with the child's first
+    stage appended to ``stats``; writes the child's modulation into ``hand_down``."""
+    k, v, all_stats, (y_k, y_v, mod) = _reference_chain(
+        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, norm_eps)
+    attn = torch.bmm(queries, k.transpose(1, 2)).softmax(dim=1) + attn_eps
+    handed = mask_fusion_reference([attn], [prompts], mod)
+    all_stats += _row_stats(y_k * handed, y_v * handed, norm_eps)
+    hand_down.copy_(handed)
+    return attn, attn.sum(dim=-1), torch.bmm(attn, v), _stack_stats(all_stats)
 
 
 def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
@@ -149,6 +197,24 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     return batch, tokens, channels, slots
 
 
+def check_hand_down(k_in, queries, prompts, hand_down,
+                    op: str = "slot_attention_pass_hand_down") -> None:
+    """The hand-down's own arguments, after ``check_args`` has checked the rest."""
+    check_tensors({"k_in": k_in, "prompts": prompts, "hand_down": hand_down}, op=op)
+    batch, _, channels = k_in.shape
+    slots = queries.shape[1]
+    if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or \
+            list(prompts.shape[1:]) != [slots, channels]:
+        raise ValueError(f"{op}: prompts must be [B or 1, K, C] = [{batch} or 1, {slots}, "
+                         f"{channels}] (K from queries, B and C from k_in), got shape "
+                         f"{list(prompts.shape)}")
+    if hand_down.shape != k_in.shape:
+        raise ValueError(f"{op}: hand_down must be [B, N, C] like k_in {list(k_in.shape)}, "
+                         f"got shape {list(hand_down.shape)}")
+    if not hand_down.is_contiguous():
+        raise ValueError(f"{op}: hand_down must be contiguous to be written in place")
+
+
 # ---------------------------------------------------------------- torch.library
 
 
@@ -161,6 +227,20 @@ def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, st
     return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
             k_in.new_empty((batch, slots, channels)),
             k_in.new_empty((batch, tokens, norm_k_weight.shape[0], 4)))
+
+
+def _fake_hand_down(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                    stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+                    queries, stats, norm_eps, attn_eps, prompts, hand_down):
+    op = "slot_attention_pass_hand_down"
+    batch, tokens, channels, slots = check_args(
+        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
+        dtypes=KERNEL_DTYPES, op=op)
+    check_hand_down(k_in, queries, prompts, hand_down, op=op)
+    return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
+            k_in.new_empty((batch, slots, channels)),
+            k_in.new_empty((batch, tokens, norm_k_weight.shape[0] + 1, 4)))
 
 
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
@@ -219,10 +299,15 @@ def _no_grad(int_list):
 def register(namespace: str = "exposure_slot", *, fake: bool = True) -> None:
     """Attach the fake kernels (unless ``fake`` is False) and the autograd formula to
     the ops ``slot_attention_pass`` and ``slot_attention_pass_backward`` of
-    ``namespace``, which must already be defined (see ``mask_fusion.register``)."""
+    ``namespace``, which must already be defined (see ``mask_fusion.register``), and
+    the fake kernel to its ``slot_attention_pass_hand_down`` where it has one."""
     if fake:
         torch.library.register_fake(f"{namespace}::slot_attention_pass", _fake)
         torch.library.register_fake(f"{namespace}::slot_attention_pass_backward",
                                     _fake_backward)
+        if hasattr(getattr(torch.ops, namespace), "slot_attention_pass_hand_down"):
+            # The compiled extension's op (CPU only); Triton has none.
+            torch.library.register_fake(f"{namespace}::slot_attention_pass_hand_down",
+                                        _fake_hand_down)
     torch.library.register_autograd(f"{namespace}::slot_attention_pass",
                                     _backward_of(namespace), setup_context=_setup_context)

@@ -17,8 +17,6 @@ attaches. The C++ kernel is ``csrc/cpu/slot_update.cpp``.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 
@@ -38,12 +36,16 @@ WEIGHT_NAMES = (
 )
 
 
-_LEVEL_WEIGHTS = operator.attrgetter(*(name for _, name in WEIGHT_NAMES))
-
-
 def level_weights(level: torch.nn.Module) -> list[torch.Tensor]:
-    """A ``SlotLevel``'s parameters in the op's argument order."""
-    return list(_LEVEL_WEIGHTS(level))
+    """A ``SlotLevel``'s parameters in the op's argument order. (getattr by getattr:
+    torch.compile traces that, not operator.attrgetter.)"""
+    weights = []
+    for _, name in WEIGHT_NAMES:
+        value = level
+        for part in name.split("."):
+            value = getattr(value, part)
+        weights.append(value)
+    return weights
 
 
 def slot_update_reference(slots, attn_sum, attn_v, gru_weight_ih, gru_weight_hh, gru_bias_ih,
