@@ -166,20 +166,28 @@ class SlotInSlotAttention(nn.Module):
             raise TypeError(f"SlotInSlotAttention: backend {backend!r}: the compiled kernels "
                             f"implement {', '.join(str(d).removeprefix('torch.') for d in dtypes)}; "
                             f"got k and v of dtype {k_in.dtype}")
-        norms = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
-                 for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
+        stacked = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
+                   for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
+        # Per depth, once per forward (a level-3 forward calls its levels 13 times):
+        # the LayerNorms of the stages down to it, and, where the slot update is the
+        # compiled op (inference on "cpu"), its weights.
+        norms = [[n[:depth + 1] for n in stacked] for depth in range(len(self.levels))]
+        weights = ([level_weights(level) for level in self.levels]
+                   if backend == "cpu" and not torch.is_grad_enabled() else None)
         prompt_factors, slot_factors, masks = self._fused_level(
-            0, [], None, k_in, v_in, norms, backend)
+            0, [], None, k_in, v_in, norms, weights, backend)
         prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend, validate_args=False)
         slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend, validate_args=False)
         return prompt_map, slot_map, masks
 
     def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
-                     backend: str):
+                     weights, backend: str):
         """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
         what ancestor d multiplies into the tokens it hands down: its running
         modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
-        ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages.
+        ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages;
+        ``norms[depth]`` and ``weights[depth]`` (None: the slot update runs as ATen
+        ops) are the pass's LayerNorm and the slot update's arguments.
         Returns the level's pair (a, b) as factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
@@ -192,8 +200,7 @@ class SlotInSlotAttention(nn.Module):
         # queries) as one op; the child never reads the slots, so refining them
         # before it runs changes nothing.
         inference = not torch.is_grad_enabled()
-        fused_update = backend == "cpu" and inference
-        weights = level_weights(level) if fused_update else None
+        fused_update = weights is not None
         queries = level.to_q(level.norm_slots(slots)) * level.scale
 
         def fuse_into(base, factors):
@@ -214,7 +221,7 @@ class SlotInSlotAttention(nn.Module):
         for iteration in range(self.iters):
             stages = chain + [(running, pending)]
             factors = [f for _, stage_factors in stages for f in stage_factors]
-            args = (k_in, v_in, *(n[:depth + 1] for n in norms), [base for base, _ in stages],
+            args = (k_in, v_in, *norms[depth], [base for base, _ in stages],
                     [m for m, _ in factors], [t for _, t in factors],
                     [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
                     queries, stats, level.norm_k_inp.eps, EPS)
@@ -230,7 +237,7 @@ class SlotInSlotAttention(nn.Module):
                     *args, backend=backend, validate_args=False)
                 child_stats = stats
             if fused_update:
-                slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights,
+                slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights[depth],
                                                  level.scale, level.norm_slots.eps,
                                                  backend=backend, validate_args=False)
             else:
@@ -250,7 +257,8 @@ class SlotInSlotAttention(nn.Module):
                 else:
                     handed_down = (running, [pf])
                 child_a, child_b, child_masks = self._fused_level(
-                    depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, backend)
+                    depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, weights,
+                    backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 if hand_down:
                     pending = child_b
