@@ -430,7 +430,7 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
     const T* k = tile.keys.data() + t * C;
     const T* v = tile.rows.data() + t * tile.channel_stride;
     T* out = p.hand_down.modulation + row * C;
-    // Shifted sums, as norm_stats takes them (x[0]: the first channel's pf).
+    // Sums shifted by each row's first value, as norm_stats takes them.
     T pf0 = 0;
     for (int64_t i = 0; i < K; ++i) pf0 += weights[i * kTile] * prompts[i * C];
     const T shift_k = k[0] * pf0, shift_v = v[0] * pf0;
