@@ -117,7 +117,7 @@ struct NormStats {
   T mean_k, rstd_k, mean_v, rstd_v;
 };
 
-// Per-thread scratch: the chain of one token (kept for the backward).
+// The backward's per-thread scratch: what it keeps of one token's chain.
 template <typename T>
 struct Scratch {
   int64_t C;
@@ -197,7 +197,7 @@ enum class Kept { nothing, last_modulation, chain };
 template <Kept What, typename T, typename Block>
 inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<T>* st,
                         int64_t d0, int64_t d1, int64_t c0, Block blk, const T* xk,
-                        const T* xv, Scratch<T>& s, T* last_mod, T* k_out, T* v_out) {
+                        const T* xv, Scratch<T>* s, T* last_mod, T* k_out, T* v_out) {
   using U = typename Block::Unit;
   constexpr int64_t S = Block::kStride;
   constexpr bool kChain = What == Kept::chain;
@@ -213,8 +213,8 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
     for (int64_t u = 0; u < blk.units; ++u) {
       const U hk = (k[u] - sd.mean_k) * sd.rstd_k, hv = (v[u] - sd.mean_v) * sd.rstd_v;
       if constexpr (kChain) {
-        store(s.h_k.data() + at + u * S, hk);
-        store(s.h_v.data() + at + u * S, hv);
+        store(s->h_k.data() + at + u * S, hk);
+        store(s->h_v.data() + at + u * S, hv);
       }
       k[u] = hk * load<U>(p.norm_k_weight + at + u * S) + load<U>(p.norm_k_bias + at + u * S);
       v[u] = hv * load<U>(p.norm_v_weight + at + u * S) + load<U>(p.norm_v_bias + at + u * S);
@@ -222,10 +222,10 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
     const Modulation<T>& m = p.stages[d];
     if (m.end > m.begin) {
       modulation_block(p.factors, m, b, n, N, C, c0, blk,
-                       kChain ? s.values.data() + m.begin * C : nullptr, mod);
+                       kChain ? s->values.data() + m.begin * C : nullptr, mod);
       const bool keep_last = What == Kept::last_modulation && d == p.depth - 1;
       for (int64_t u = 0; u < blk.units; ++u) {
-        if constexpr (kChain) store(s.mod.data() + at + u * S, mod[u]);
+        if constexpr (kChain) store(s->mod.data() + at + u * S, mod[u]);
         if (keep_last) store(last_mod + c0 + u * S, mod[u]);
         k[u] *= mod[u];
         v[u] *= mod[u];
@@ -251,11 +251,12 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
 // block in registers. The forward takes the statistics of the first known_stages
 // stages from the pass and writes every stage's to `st` (its [D] entries of the
 // `stats` output); the backward (Kept::chain) takes them into `st` the same way
-// and keeps what it needs. The cache holds exactly what a pass computes (the same
-// code on the same rows), so a result never depends on whether statistics came
-// from it.
+// and keeps what it needs in its scratch `s` (null in the forward); a hand-down's
+// forward keeps its last stage's modulation in `last_mod`. The cache holds exactly
+// what a pass computes (the same code on the same rows), so a result never depends
+// on whether statistics came from it.
 template <Kept What, typename T>
-inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, NormStats<T>* st,
+inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>* s, NormStats<T>* st,
                       T* last_mod, T* k_out, T* v_out) {
   const int64_t C = p.channels, N = p.tokens, D = p.depth;
   const int64_t row = b * N + n;
@@ -279,7 +280,7 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>& s, Nor
   if constexpr (What == Kept::chain) {
     for (int64_t d = 0; d < D; ++d) {
       const Modulation<T>& m = p.stages[d];
-      s.mod_rows[d] = m.end > m.begin ? s.mod.data() + d * C
+      s->mod_rows[d] = m.end > m.begin ? s->mod.data() + d * C
                       : m.base != nullptr ? m.base + row * C
                                           : nullptr;
     }
@@ -344,16 +345,18 @@ struct Tile {
   AlignedVector<T> queries;             // [slot_stride, C]: the batch item's queries,
                                         // 0 past K (forward)
   AlignedVector<T> last_mod;            // [kTile, C]: the tokens' last-stage modulation
-                                        // (a hand-down whose last stage has factors)
+                                        // (a hand-down's forward)
 
-  explicit Tile(const Pass<T>& p)
+  // The buffers of a forward (what its chains keep: nothing, or the last stage's
+  // modulation) or of the backward (Kept::chain).
+  Tile(const Pass<T>& p, Kept what)
       : slot_stride(round_up(p.slots, kSlotGroup)),
         channel_stride(round_up(p.channels, kBlock<T>)),
         attn(kTile * slot_stride, T(0)),
         rows(kTile * channel_stride, T(0)),
-        keys(kTile * p.channels, T(0)),
-        queries(slot_stride * p.channels, T(0)),
-        last_mod(p.hand_down.modulation != nullptr ? kTile * p.channels : 0) {}
+        keys(what != Kept::chain ? kTile * p.channels : 0, T(0)),
+        queries(what != Kept::chain ? slot_stride * p.channels : 0, T(0)),
+        last_mod(what == Kept::last_modulation ? kTile * p.channels : 0) {}
 };
 
 // tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
@@ -467,8 +470,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
   const bool parallel = p.batch * N * C * (K + 4 * p.depth) >= kMinParallelWork;
 #pragma omp parallel if (parallel)
   {
-    Scratch<T> s(p);
-    Tile<T> tile(p);
+    Tile<T> tile(p, What);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
@@ -482,7 +484,7 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
           T* last_mod = What == Kept::last_modulation ? tile.last_mod.data() + t * C : nullptr;
-          run_chain<What>(p, b, n, s, item_stats + n * stats_stages, last_mod,
+          run_chain<What, T>(p, b, n, nullptr, item_stats + n * stats_stages, last_mod,
                           tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
         }
         tile_logits(tile, count, C);
@@ -573,7 +575,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 #pragma omp parallel if (parallel)
   {
     Scratch<T> s(p);
-    Tile<T> tile(p);
+    Tile<T> tile(p, Kept::chain);
     AlignedVector<T> g_a(K);
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
@@ -591,7 +593,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
           T* k = tile.rows.data() + t * tile.channel_stride;
-          run_chain<Kept::chain, T>(p, b, n, s, s.stats.data(), nullptr, k, s.v.data());
+          run_chain<Kept::chain, T>(p, b, n, &s, s.stats.data(), nullptr, k, s.v.data());
           slot_softmax(p, b, k, s);
           T* __restrict__ gk = grad_k_in + (b * N + n) * C;
           T* __restrict__ gv = grad_v_in + (b * N + n) * C;
