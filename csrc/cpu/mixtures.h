@@ -58,8 +58,29 @@ struct Modulation {
   bool empty() const { return base == nullptr && end == begin; }
 };
 
-// The factors of a list of (masks, table) tensors, checked against [B,N,C] and made
-// contiguous; `storage` keeps the contiguous copies alive.
+// One factor (masks, table), checked against [B,N,C] (errors name them `mname`,
+// `tname`) and made contiguous; `storage` keeps the contiguous copies alive.
+template <typename T>
+Factor<T> make_factor(const char* op, const at::Tensor& masks, const char* mname,
+                      const at::Tensor& table, const char* tname, int64_t B, int64_t N,
+                      int64_t C, at::ScalarType dtype, std::vector<at::Tensor>& storage) {
+  check_float_cpu(op, mname, masks, dtype, "the first input");
+  check_float_cpu(op, tname, table, dtype, "the first input");
+  TORCH_CHECK(masks.dim() == 3 && masks.size(0) == B && masks.size(2) == N && masks.size(1) >= 1,
+              op, ": ", mname, " must be [B, K, N] with B = ", B, ", N = ", N,
+              " and K >= 1, got shape ", masks.sizes());
+  const int64_t K = masks.size(1);
+  TORCH_CHECK(table.dim() == 3 && (table.size(0) == 1 || table.size(0) == B) &&
+                  table.size(1) == K && table.size(2) == C,
+              op, ": ", tname, " must be [B or 1, K, C] with B = ", B, ", K = ", K, " (from ",
+              mname, ") and C = ", C, ", got shape ", table.sizes());
+  storage.push_back(masks.contiguous());
+  storage.push_back(table.contiguous());
+  return {storage[storage.size() - 2].const_data_ptr<T>(), storage.back().const_data_ptr<T>(), K,
+          table.size(0) != 1};
+}
+
+// The factors of a list of (masks, table) tensors (make_factor).
 template <typename T>
 std::vector<Factor<T>> make_factors(const char* op, at::TensorList masks, at::TensorList tables,
                                     int64_t B, int64_t N, int64_t C, at::ScalarType dtype,
@@ -70,21 +91,8 @@ std::vector<Factor<T>> make_factors(const char* op, at::TensorList masks, at::Te
   for (size_t j = 0; j < masks.size(); ++j) {
     const std::string mname = "masks[" + std::to_string(j) + "]";
     const std::string tname = "tables[" + std::to_string(j) + "]";
-    check_float_cpu(op, mname.c_str(), masks[j], dtype, "the first input");
-    check_float_cpu(op, tname.c_str(), tables[j], dtype, "the first input");
-    TORCH_CHECK(masks[j].dim() == 3 && masks[j].size(0) == B && masks[j].size(2) == N &&
-                    masks[j].size(1) >= 1,
-                op, ": ", mname, " must be [B, K, N] with B = ", B, ", N = ", N,
-                " and K >= 1, got shape ", masks[j].sizes());
-    const int64_t K = masks[j].size(1);
-    TORCH_CHECK(tables[j].dim() == 3 && (tables[j].size(0) == 1 || tables[j].size(0) == B) &&
-                    tables[j].size(1) == K && tables[j].size(2) == C,
-                op, ": ", tname, " must be [B or 1, K, C] with B = ", B, ", K = ", K, " (from ",
-                mname, ") and C = ", C, ", got shape ", tables[j].sizes());
-    storage.push_back(masks[j].contiguous());
-    storage.push_back(tables[j].contiguous());
-    factors.push_back({storage[storage.size() - 2].const_data_ptr<T>(),
-                       storage.back().const_data_ptr<T>(), K, tables[j].size(0) != 1});
+    factors.push_back(make_factor<T>(op, masks[j], mname.c_str(), tables[j], tname.c_str(), B, N,
+                                     C, dtype, storage));
   }
   return factors;
 }

@@ -75,16 +75,13 @@ namespace exposure_slot::cpu {
 namespace {
 
 // What a parent level's pass hands its child (slot_attention_pass_hand_down):
-// the parent's last-stage modulation times pf = sum_i A_i * prompts_i, per token.
+// the parent's last-stage modulation times the factor pf = (the pass's attn,
+// prompts), per token.
 template <typename T>
 struct HandDown {
   T* modulation = nullptr;  // [B,N,C], written (may be the last stage's base)
-  const T* prompts = nullptr;  // [TB,K,C]
-  bool prompts_batched = false;
-
-  const T* rows(int64_t b, int64_t K, int64_t C) const {
-    return prompts + (prompts_batched ? b * K * C : 0);
-  }
+  Factor<T> pf;             // masks: the attn output (hand_down_tile reads the same A
+                            // from the tile's compact [K, kTile] block)
 };
 
 template <typename T>
@@ -422,11 +419,14 @@ template <typename T>
 inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int64_t n0,
                            int64_t count, NormStats<T>* stats) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
-  const T* prompts = p.hand_down.rows(b, K, C);
+  const T* prompts = p.hand_down.pf.rows(b, C);
   const Modulation<T>& last = p.stages[D - 1];
   for (int64_t t = 0; t < count; ++t) {
     const int64_t row = b * N + n0 + t;
-    const T* weights = tile.attn.data() + t;  // A_i at weights[i * kTile]
+    // A_i at weights[i * kTile]: the tile's copy of pf's masks, whose K values of a
+    // token lie in one or two cache lines rather than K lines N apart (~0.1 ms a
+    // pass on one thread at N = 16384).
+    const T* weights = tile.attn.data() + t;
     const T* mod = last.end > last.begin ? tile.last_mod.data() + t * C
                    : last.base != nullptr ? last.base + row * C
                                           : nullptr;
@@ -798,22 +798,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
         op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
         base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
         attn_eps, storage);
+    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
     if (hand_down != nullptr) {
-      const int64_t B = p.batch, K = p.slots, C = p.channels;
-      check_float_cpu(op, "prompts", *prompts, k_in.scalar_type(), "k_in");
-      TORCH_CHECK(prompts->dim() == 3 && (prompts->size(0) == 1 || prompts->size(0) == B) &&
-                      prompts->size(1) == K && prompts->size(2) == C,
-                  op, ": prompts must be [B or 1, K, C] = [", B, " or 1, ", K, ", ", C,
-                  "] (K from queries, B and C from k_in), got shape ", prompts->sizes());
       check_float_cpu(op, "hand_down", *hand_down, k_in.scalar_type(), "k_in");
       check_shape(op, "hand_down", *hand_down, k_in.sizes(), "[B, N, C] like k_in");
       TORCH_CHECK(hand_down->is_contiguous(), op,
                   ": hand_down must be contiguous to be written in place");
-      storage.push_back(prompts->contiguous());
       p.hand_down = {hand_down->mutable_data_ptr<scalar_t>(),
-                     storage.back().const_data_ptr<scalar_t>(), prompts->size(0) != 1};
+                     make_factor<scalar_t>(op, attn, "attn", *prompts, "prompts", p.batch,
+                                           p.tokens, p.channels, k_in.scalar_type(), storage)};
     }
-    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
     attn_sum = at::empty({p.batch, p.slots}, k_in.options());
     attn_v = at::empty({p.batch, p.slots, p.channels}, k_in.options());
     stats_out = at::empty({p.batch, p.tokens, p.stats_stages(), 4}, k_in.options());

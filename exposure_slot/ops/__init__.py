@@ -150,19 +150,31 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
     pass's ``stats`` output for the same leading stages, or None. Returns ``(attn
     [B,K,N], attn_sum [B,K], attn_v [B,K,C], stats [B,N,D,4])``. Differentiable in
     every tensor but ``stats`` on every backend."""
+    args = _pass_args("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias,
+                      norm_v_weight, norm_v_bias, stage_bases, factor_masks, factor_tables,
+                      factor_stages, queries, stats, backend, validate_args)
+    return _select("slot_attention_pass", backend, slot_attention_pass_reference, k_in.device)(
+        *args, float(norm_eps), float(attn_eps))
+
+
+def _pass_args(op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+               stage_bases, factor_masks, factor_tables, factor_stages, queries, stats,
+               backend, validate_args) -> tuple:
+    """The compiled ops' leading arguments from the wrappers' (one ``stage_bases``
+    entry per stage becomes the bases and their stages), checked unless
+    ``validate_args`` is False."""
     bases = [t for t in stage_bases if t is not None]
     base_stages = [d for d, t in enumerate(stage_bases) if t is not None]
     args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
             base_stages, list(factor_masks), list(factor_tables),
             [int(s) for s in factor_stages], queries, stats)
-    depth = norm_k_weight.shape[0]
     if validate_args:
-        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend))
-    if validate_args and len(stage_bases) != depth:
-        raise ValueError(f"slot_attention_pass: stage_bases must have one entry (a tensor or "
-                         f"None) per stage, D = {depth}, got {len(stage_bases)}")
-    return _select("slot_attention_pass", backend, slot_attention_pass_reference, k_in.device)(
-        *args, float(norm_eps), float(attn_eps))
+        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend), op=op)
+        depth = norm_k_weight.shape[0]
+        if len(stage_bases) != depth:
+            raise ValueError(f"{op}: stage_bases must have one entry (a tensor or None) per "
+                             f"stage, D = {depth}, got {len(stage_bases)}")
+    return args
 
 
 def slot_attention_pass_hand_down(k_in: torch.Tensor, v_in: torch.Tensor,
@@ -185,21 +197,15 @@ def slot_attention_pass_hand_down(k_in: torch.Tensor, v_in: torch.Tensor,
     statistics of the child's first LayerNorm, which its passes then take instead of
     computing. Compiled for the "cpu" backend only; no autograd (refuses tensors
     that require grad while grad mode is on); "reference" runs the twin anywhere."""
-    bases = [t for t in stage_bases if t is not None]
-    base_stages = [d for d, t in enumerate(stage_bases) if t is not None]
-    args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
-            base_stages, list(factor_masks), list(factor_tables),
-            [int(s) for s in factor_stages], queries, stats)
     op = "slot_attention_pass_hand_down"
+    args = _pass_args(op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                      stage_bases, factor_masks, factor_tables, factor_stages, queries, stats,
+                      backend, validate_args)
     if validate_args:
-        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend), op=op)
         _slot_attention_pass.check_hand_down(k_in, queries, prompts, hand_down, op=op)
-        if len(stage_bases) != norm_k_weight.shape[0]:
-            raise ValueError(f"{op}: stage_bases must have one entry (a tensor or None) per "
-                             f"stage, D = {norm_k_weight.shape[0]}, got {len(stage_bases)}")
     if backend not in ("reference", "cpu"):
         raise ValueError(f"{op}: compiled for the 'cpu' backend only; got backend {backend!r}")
-    tensors = (*args[:6], *bases, *factor_masks, *factor_tables, queries, prompts, hand_down)
+    tensors = (*args[:6], *args[6], *factor_masks, *factor_tables, queries, prompts, hand_down)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"{op}: for inference, with no autograd; use slot_attention_pass and "
                            "mask_fusion when gradients are needed (or call it under "

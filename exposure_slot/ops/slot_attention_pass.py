@@ -220,27 +220,27 @@ def check_hand_down(k_in, queries, prompts, hand_down,
 
 def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
           base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-          attn_eps):
+          attn_eps, *, op: str = "slot_attention_pass", extra_stages: int = 0):
+    """The outputs' shapes; ``stats`` has ``extra_stages`` stages beyond the pass's D
+    (the hand-down's: its child's first)."""
     batch, tokens, channels, slots = check_args(
         k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, dtypes=KERNEL_DTYPES)
+        base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
+        dtypes=KERNEL_DTYPES, op=op)
     return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
             k_in.new_empty((batch, slots, channels)),
-            k_in.new_empty((batch, tokens, norm_k_weight.shape[0], 4)))
+            k_in.new_empty((batch, tokens, norm_k_weight.shape[0] + extra_stages, 4)))
 
 
 def _fake_hand_down(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                     stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
                     queries, stats, norm_eps, attn_eps, prompts, hand_down):
     op = "slot_attention_pass_hand_down"
-    batch, tokens, channels, slots = check_args(
-        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
-        dtypes=KERNEL_DTYPES, op=op)
+    outputs = _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                    stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+                    queries, stats, norm_eps, attn_eps, op=op, extra_stages=1)
     check_hand_down(k_in, queries, prompts, hand_down, op=op)
-    return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
-            k_in.new_empty((batch, slots, channels)),
-            k_in.new_empty((batch, tokens, norm_k_weight.shape[0] + 1, 4)))
+    return outputs
 
 
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
