@@ -174,20 +174,26 @@ class SlotInSlotAttention(nn.Module):
         norms = [[n[:depth + 1] for n in stacked] for depth in range(len(self.levels))]
         weights = ([level_weights(level) for level in self.levels]
                    if backend == "cpu" and not torch.is_grad_enabled() else None)
+        # Every call of a level starts from its slots_mu: its first queries, once
+        # per forward rather than once per call (13 calls at level 3).
+        first_queries = [level.to_q(level.norm_slots(level.slots_mu)) * level.scale
+                         for level in self.levels]
         prompt_factors, slot_factors, masks = self._fused_level(
-            0, [], None, k_in, v_in, norms, weights, backend)
+            0, [], None, k_in, v_in, norms, weights, first_queries, backend)
         prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend, validate_args=False)
         slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend, validate_args=False)
         return prompt_map, slot_map, masks
 
     def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
-                     weights, backend: str):
+                     weights, first_queries, backend: str):
         """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
         what ancestor d multiplies into the tokens it hands down: its running
         modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
         ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages;
         ``norms[depth]`` and ``weights[depth]`` (None: the slot update runs as ATen
-        ops) are the pass's LayerNorm and the slot update's arguments.
+        ops) are the pass's LayerNorm and the slot update's arguments, and
+        ``first_queries[depth]`` ([1, K, C]) the queries of its slots_mu, where every
+        call of the level starts.
         Returns the level's pair (a, b) as factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
@@ -201,7 +207,7 @@ class SlotInSlotAttention(nn.Module):
         # before it runs changes nothing.
         inference = not torch.is_grad_enabled()
         fused_update = weights is not None
-        queries = level.to_q(level.norm_slots(slots)) * level.scale
+        queries = first_queries[depth].expand(k_in.shape[0], -1, -1)
 
         def fuse_into(base, factors):
             masks, tables = [m for m, _ in factors], [t for _, t in factors]
@@ -258,7 +264,7 @@ class SlotInSlotAttention(nn.Module):
                     handed_down = (running, [pf])
                 child_a, child_b, child_masks = self._fused_level(
                     depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, weights,
-                    backend)
+                    first_queries, backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 if hand_down:
                     pending = child_b

@@ -49,22 +49,25 @@ inline void linear_block(const T* x, int64_t r0, int64_t in, const T* w, const T
   }
 }
 
-// y[r, j] = act(dot(w[j], x[r]) + bias[j]) for r < R, j < out: blocks of 4 x 4,
-// then the rows and columns left one at a time; threads split the weight rows.
+// y[r, j] = act(dot(w[j], x[r]) + bias[j]) for r < R, j < out: blocks of 4 weight
+// rows x up to 4 input rows (the rows left after the groups of four as one group, so
+// that a weight row is loaded once per group rather than once per row left), then
+// the weight rows left one at a time; threads split the weight rows.
 template <typename T, typename Act>
 void linear(const T* x, int64_t R, int64_t in, const T* w, const T* bias, int64_t out, T* y,
             const Act& act) {
-  constexpr int kJ = 4, kR = 4;
+  constexpr int kJ = 4;
 #pragma omp for schedule(static)
   for (int64_t j0 = 0; j0 < out; j0 += kJ) {
-    int64_t r0 = 0;
     if (j0 + kJ <= out) {
-      for (; r0 + kR <= R; r0 += kR) linear_block<kJ, kR>(x, r0, in, w, bias, j0, out, y, act);
-      for (; r0 < R; ++r0) linear_block<kJ, 1>(x, r0, in, w, bias, j0, out, y, act);
+      for_each_group_of_4(R, [&]<int G>(int64_t r0) {
+        linear_block<kJ, G>(x, r0, in, w, bias, j0, out, y, act);
+      });
     } else {
       for (int64_t j = j0; j < out; ++j) {
-        for (r0 = 0; r0 + kR <= R; r0 += kR) linear_block<1, kR>(x, r0, in, w, bias, j, out, y, act);
-        for (; r0 < R; ++r0) linear_block<1, 1>(x, r0, in, w, bias, j, out, y, act);
+        for_each_group_of_4(R, [&]<int G>(int64_t r0) {
+          linear_block<1, G>(x, r0, in, w, bias, j, out, y, act);
+        });
       }
     }
   }
