@@ -63,13 +63,16 @@ TORCH_LIBRARY(exposure_slot, m) {
   // base, its running modulation, updated in place: a token's row is read before
   // it is written); stats gets one more stage, the statistics of the child's
   // first LayerNorm, whose input is the last stage's affine output times m * pf.
+  // The norms have that stage too ([D + 1, C]); with child_queries [B, K_c, C] the
+  // pass also runs its child's first pass (child_attn, _sum, _v; K_c = 0 without).
   m.def(
       "slot_attention_pass_hand_down(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
       "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
       "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
       "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps, "
-      "Tensor prompts, Tensor(a!) hand_down) "
-      "-> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats)",
+      "Tensor prompts, Tensor(a!) hand_down, Tensor? child_queries) "
+      "-> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats, Tensor child_attn, "
+      "Tensor child_attn_sum, Tensor child_attn_v)",
       {at::Tag::pt2_compliant_tag});
 
   // A slot level's update between two passes, for inference: from the slots

@@ -20,7 +20,8 @@ Two implementations of the same computation:
   for a level's running modulation and the two outputs). Under inference on "cpu"
   a level with a child runs ``slot_attention_pass_hand_down`` instead, which
   multiplies pf (and the child's b of the previous iteration) into the running
-  modulation in place and hands the child its LayerNorm statistics. Memory beyond
+  modulation in place, hands the child its LayerNorm statistics, and, for a leaf
+  child, runs the child's first pass on the same tokens. Memory beyond
   the inputs: the two [B, N, C] outputs, the [B, K, N] attention maps, and one
   running modulation per level that has a child (a level's product of pf * b_c
   over its iterations so far, [B, N, C]).
@@ -185,7 +186,7 @@ class SlotInSlotAttention(nn.Module):
         return prompt_map, slot_map, masks
 
     def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
-                     weights, first_queries, backend: str):
+                     weights, first_queries, backend: str, first_pass=None):
         """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
         what ancestor d multiplies into the tokens it hands down: its running
         modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
@@ -193,7 +194,8 @@ class SlotInSlotAttention(nn.Module):
         ``norms[depth]`` and ``weights[depth]`` (None: the slot update runs as ATen
         ops) are the pass's LayerNorm and the slot update's arguments, and
         ``first_queries[depth]`` ([1, K, C]) the queries of its slots_mu, where every
-        call of the level starts.
+        call of the level starts; ``first_pass`` the outputs (attn, attn_sum, attn_v)
+        of the level's first pass where its parent's hand-down ran it.
         Returns the level's pair (a, b) as factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
@@ -221,26 +223,34 @@ class SlotInSlotAttention(nn.Module):
         # (slot_attention_pass_hand_down): it multiplies pf, and the child's b from
         # the previous iteration (`pending`), into the running modulation in place,
         # and computes the statistics of the child's first LayerNorm, which its
-        # passes would otherwise take from the tokens.
+        # passes would otherwise take from the tokens. A leaf child's first pass,
+        # whose queries are known (its slots_mu's), runs in the same pass.
         hand_down = has_child and fused_update
+        child_queries = None
+        if hand_down and depth + 2 == len(self.levels):
+            child_queries = first_queries[depth + 1].expand(k_in.shape[0], -1, -1)
         pending: list[tuple] = []
         for iteration in range(self.iters):
             stages = chain + [(running, pending)]
             factors = [f for _, stage_factors in stages for f in stage_factors]
-            args = (k_in, v_in, *norms[depth], [base for base, _ in stages],
-                    [m for m, _ in factors], [t for _, t in factors],
+            args = ([base for base, _ in stages], [m for m, _ in factors],
+                    [t for _, t in factors],
                     [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
                     queries, stats, level.norm_k_inp.eps, EPS)
-            if hand_down:
+            if iteration == 0 and first_pass is not None:
+                attn, attn_sum, attn_v = first_pass
+            elif hand_down:
                 if running is None:
                     running = k_in.new_empty(k_in.shape)
-                attn, attn_sum, attn_v, child_stats = ops.slot_attention_pass_hand_down(
-                    *args, level.prompts, running, backend=backend, validate_args=False)
+                (attn, attn_sum, attn_v, child_stats,
+                 *child_first_pass) = ops.slot_attention_pass_hand_down(
+                    k_in, v_in, *norms[depth + 1], *args, level.prompts, running, child_queries,
+                    backend=backend, validate_args=False)
                 if stats is None:  # the top level: its own stage's, for its next passes
                     stats = child_stats[:, :, :depth + 1].contiguous()
             else:
                 attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
-                    *args, backend=backend, validate_args=False)
+                    k_in, v_in, *norms[depth], *args, backend=backend, validate_args=False)
                 child_stats = stats
             if fused_update:
                 slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights[depth],
@@ -264,7 +274,8 @@ class SlotInSlotAttention(nn.Module):
                     handed_down = (running, [pf])
                 child_a, child_b, child_masks = self._fused_level(
                     depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, weights,
-                    first_queries, backend)
+                    first_queries, backend,
+                    child_first_pass if child_queries is not None else None)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 if hand_down:
                     pending = child_b

@@ -432,7 +432,8 @@ WRAPPER_ERRORS = [
      r"queries must be \[B, K, C\] = \[2, K >= 1, 8\]"),
     ("queries-batch", dict(queries=lambda t: t[:1]), ValueError, r"queries must be \[B, K, C\]"),
     ("stage-bases-length", dict(stage_bases=lambda lst: lst + [None]), ValueError,
-     "stage_bases must have one entry .* per stage, D = 2, got 3"),
+     r"norm_k_weight must be \[D, C\], a row per stage, with D = 3 stages \(one per "
+     r"stage_bases entry\); got shape \[2, 8\]"),
     ("stage-base-shape", dict(stage_bases=set_item(0, lambda t: t[:, :9])), ValueError,
      r"stage_bases\[0\] must be \[B, N, C\] like k_in"),
     ("factor-stages-unsorted", dict(factor_stages=lambda s: s[::-1]), ValueError,

@@ -27,7 +27,15 @@
 // passes then read instead of computing. hand_down may be the last stage's base
 // (the level's running modulation, updated in place): a token's row is read by its
 // chain before its tile writes it. This replaces a separate product of mixtures
-// over [B,N,C] and the statistics every child's first pass computed.
+// over [B,N,C] and the statistics every child's first pass computed. With the
+// child's first queries q^c (a child starts every call from its slots_mu, so they
+// are known before its parent's pass), the hand-down also runs the child's first
+// pass on the tile's tokens, from rows already in L1:
+//   k^c = LayerNorm_D(k * pf) * weight_D + bias_D   (and v^c from v * pf)
+//   child_attn, child_attn_sum, child_attn_v        as above, with q^c, k^c, v^c
+// (the child's own pass would compute (y_{D-1} * (m_{D-1} * pf)), the same values up
+// to rounding). That saves the child's first pass its reads of k_in, v_in and its
+// bases and its chain: a leaf child only, whose first pass has nothing to hand down.
 //
 // Backward, for gradients g_attn, g_sum, g_v of the three outputs:
 //   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
@@ -63,6 +71,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <tuple>
 #include <utility>
@@ -82,6 +91,8 @@ struct HandDown {
   T* modulation = nullptr;  // [B,N,C], written (may be the last stage's base)
   Factor<T> pf;             // masks: the attn output (hand_down_tile reads the same A
                             // from the tile's compact [K, kTile] block)
+  const T* child_queries = nullptr;  // [B,K_c,C]: the child's first pass, or null
+  int64_t child_slots = 0;           // K_c
 };
 
 template <typename T>
@@ -89,7 +100,7 @@ struct Pass {
   int64_t batch, tokens, channels, slots, depth;
   const T* k_in;
   const T* v_in;
-  const T* norm_k_weight;  // [D,C]
+  const T* norm_k_weight;  // [D,C], a hand-down's [D+1,C] (row D: its child's stage)
   const T* norm_k_bias;
   const T* norm_v_weight;
   const T* norm_v_bias;
@@ -345,15 +356,15 @@ struct Tile {
                                         // (a hand-down's forward)
 
   // The buffers of a forward (what its chains keep: nothing, or the last stage's
-  // modulation) or of the backward (Kept::chain).
-  Tile(const Pass<T>& p, Kept what)
-      : slot_stride(round_up(p.slots, kSlotGroup)),
-        channel_stride(round_up(p.channels, kBlock<T>)),
+  // modulation) or of the backward (Kept::chain), for K slots and C channels.
+  Tile(int64_t K, int64_t C, Kept what)
+      : slot_stride(round_up(K, kSlotGroup)),
+        channel_stride(round_up(C, kBlock<T>)),
         attn(kTile * slot_stride, T(0)),
         rows(kTile * channel_stride, T(0)),
-        keys(what != Kept::chain ? kTile * p.channels : 0, T(0)),
-        queries(what != Kept::chain ? slot_stride * p.channels : 0, T(0)),
-        last_mod(what == Kept::last_modulation ? kTile * p.channels : 0) {}
+        keys(what != Kept::chain ? kTile * C : 0, T(0)),
+        queries(what != Kept::chain ? slot_stride * C : 0, T(0)),
+        last_mod(what == Kept::last_modulation ? kTile * C : 0) {}
 };
 
 // tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
@@ -410,14 +421,39 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
   });
 }
 
+// The attention of a tile whose keys and rows (v) are in: its logits, the softmax
+// over the K slots, + attn_eps; writes the tile's columns of attn (`attn_out` at its
+// first token, rows N apart) and adds its sums over tokens to the chunk's partials
+// (`v_partial` [K,C], `sum_partial` [K]).
+template <typename T>
+inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int64_t N,
+                        T attn_eps, T* attn_out, T* v_partial, T* sum_partial) {
+  tile_logits(tile, count, C);
+  softmax_columns<kTile>(tile.attn.data(), K);
+  for (int64_t i = 0; i < K; ++i) {
+    T* a = tile.attn.data() + i * kTile;
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < kTile; ++t) {
+      a[t] += attn_eps;
+      total += t < count ? a[t] : T(0);
+    }
+    sum_partial[i] += total;
+    std::copy_n(a, count, attn_out + i * N);
+  }
+  tile_weighted_sums(tile, count, K, C, v_partial);
+}
+
 // A hand-down for the tile's tokens, once their A is known: with
 // pf = sum_i A_i * prompts_i, the child's modulation m * pf (m: the last stage's)
 // into hand_down.modulation, and into each token's `st` entry D the LayerNorm
 // statistics of the child's first stage, whose inputs are k * pf and v * pf (the
-// child computes them as y * (m * pf): the same values up to rounding).
+// child computes them as y * (m * pf): the same values up to rounding). With a
+// child tile, also its keys and rows: k * pf and v * pf through the child's
+// LayerNorm and affine (stage D).
 template <typename T>
 inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int64_t n0,
-                           int64_t count, NormStats<T>* stats) {
+                           int64_t count, NormStats<T>* stats, Tile<T>* child) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
   const T* prompts = p.hand_down.pf.rows(b, C);
   const Modulation<T>& last = p.stages[D - 1];
@@ -433,6 +469,8 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
     const T* k = tile.keys.data() + t * C;
     const T* v = tile.rows.data() + t * tile.channel_stride;
     T* out = p.hand_down.modulation + row * C;
+    T* child_k = child != nullptr ? child->keys.data() + t * C : nullptr;
+    T* child_v = child != nullptr ? child->rows.data() + t * child->channel_stride : nullptr;
     // Sums shifted by each row's first value, as norm_stats takes them.
     T pf0 = 0;
     for (int64_t i = 0; i < K; ++i) pf0 += weights[i * kTile] * prompts[i * C];
@@ -447,7 +485,12 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
       for (int64_t u = 0; u < blk.units; ++u) {
         const int64_t c = c0 + u * S;
         store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
-        const U dk = load<U>(k + c) * pf[u] - shift_k, dv = load<U>(v + c) * pf[u] - shift_v;
+        const U xk = load<U>(k + c) * pf[u], xv = load<U>(v + c) * pf[u];
+        if (child != nullptr) {
+          store(child_k + c, xk);
+          store(child_v + c, xv);
+        }
+        const U dk = xk - shift_k, dv = xv - shift_v;
         add_lanes<T>(acc[0], dk);
         add_lanes<T>(acc[1], dk * dk);
         add_lanes<T>(acc[2], dv);
@@ -456,28 +499,59 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
     });
     T sums[4];
     for (int r = 0; r < 4; ++r) sums[r] = sum_lanes(reinterpret_cast<const T*>(&acc[r]));
-    stats[(n0 + t) * (D + 1) + D] = finish_norm_stats(shift_k, shift_v, sums, C, p.norm_eps);
+    const NormStats<T> st = finish_norm_stats(shift_k, shift_v, sums, C, p.norm_eps);
+    stats[(n0 + t) * (D + 1) + D] = st;
+    if (child != nullptr) {
+      const int64_t at = D * C;
+      for_each_block<T>(C, [&](int64_t c0, auto blk) {
+        using U = typename decltype(blk)::Unit;
+        constexpr int64_t S = decltype(blk)::kStride;
+        for (int64_t u = 0; u < blk.units; ++u) {
+          const int64_t c = c0 + u * S;
+          store(child_k + c, (load<U>(child_k + c) - st.mean_k) * st.rstd_k *
+                                     load<U>(p.norm_k_weight + at + c) +
+                                 load<U>(p.norm_k_bias + at + c));
+          store(child_v + c, (load<U>(child_v + c) - st.mean_v) * st.rstd_v *
+                                     load<U>(p.norm_v_weight + at + c) +
+                                 load<U>(p.norm_v_bias + at + c));
+        }
+      });
+    }
   }
 }
 
+// The pass's outputs, and with a hand-down that runs its child's first pass
+// (child_queries), the child's attn, attn_sum and attn_v.
+template <typename T>
+struct Outputs {
+  T *attn, *attn_sum, *attn_v, *stats;
+  T *child_attn = nullptr, *child_attn_sum = nullptr, *child_attn_v = nullptr;
+};
+
 template <Kept What, typename T>
-void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats) {
+void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots;
+  const int64_t Kc = p.hand_down.child_slots;
+  const bool child_pass = What == Kept::last_modulation && p.hand_down.child_queries != nullptr;
   const int64_t stats_stages = p.stats_stages();
   const Chunking chunks(p.batch, N);
-  // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K].
+  // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K]; the
+  // child's likewise.
   Partials<T> partials(chunks.count, K + K * C);
-  const bool parallel = p.batch * N * C * (K + 4 * p.depth) >= kMinParallelWork;
+  Partials<T> child_partials(child_pass ? chunks.count : 0, Kc + Kc * C);
+  const bool parallel = p.batch * N * C * (K + Kc + 4 * p.depth) >= kMinParallelWork;
 #pragma omp parallel if (parallel)
   {
-    Tile<T> tile(p, What);
+    Tile<T> tile(K, C, What);
+    std::optional<Tile<T>> child;
+    if (child_pass) child.emplace(Kc, C, Kept::nothing);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
-      NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(stats) + b * N * stats_stages;
+      NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(out.stats) + b * N * stats_stages;
       std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
+      if (child) std::copy_n(p.hand_down.child_queries + b * Kc * C, Kc * C, child->queries.data());
       T* v_partial = partials.chunk(chunk);
-      T* sum_partial = v_partial + K * C;
       const int64_t chunk_end = chunks.end(chunk, N);
       for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
         const int64_t count = std::min(kTile, chunk_end - n0);
@@ -487,26 +561,25 @@ void forward_kernel(const Pass<T>& p, T* attn, T* attn_sum, T* attn_v, T* stats)
           run_chain<What, T>(p, b, n, nullptr, item_stats + n * stats_stages, last_mod,
                           tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
         }
-        tile_logits(tile, count, C);
-        softmax_columns<kTile>(tile.attn.data(), K);
-        for (int64_t i = 0; i < K; ++i) {
-          T* a = tile.attn.data() + i * kTile;
-          T total = 0;
-#pragma omp simd reduction(+ : total)
-          for (int64_t t = 0; t < kTile; ++t) {
-            a[t] += p.attn_eps;
-            total += t < count ? a[t] : T(0);
+        attend_tile(tile, count, K, C, N, p.attn_eps, out.attn + b * K * N + n0, v_partial,
+                    v_partial + K * C);
+        if constexpr (What == Kept::last_modulation) {
+          hand_down_tile(p, tile, b, n0, count, item_stats, child ? &*child : nullptr);
+          if (child) {
+            T* child_partial = child_partials.chunk(chunk);
+            attend_tile(*child, count, Kc, C, N, p.attn_eps, out.child_attn + b * Kc * N + n0,
+                        child_partial, child_partial + Kc * C);
           }
-          sum_partial[i] += total;
-          std::copy_n(a, count, attn + (b * K + i) * N + n0);
         }
-        tile_weighted_sums(tile, count, K, C, v_partial);
-        if constexpr (What == Kept::last_modulation) hand_down_tile(p, tile, b, n0, count, item_stats);
       }
     }
   }
-  partials.reduce(chunks, 0, K * C, true, attn_v, parallel);
-  partials.reduce(chunks, K * C, K, true, attn_sum, parallel);
+  partials.reduce(chunks, 0, K * C, true, out.attn_v, parallel);
+  partials.reduce(chunks, K * C, K, true, out.attn_sum, parallel);
+  if (child_pass) {
+    child_partials.reduce(chunks, 0, Kc * C, true, out.child_attn_v, parallel);
+    child_partials.reduce(chunks, Kc * C, Kc, true, out.child_attn_sum, parallel);
+  }
 }
 
 // ---------------------------------------------------------------- backward
@@ -575,7 +648,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 #pragma omp parallel if (parallel)
   {
     Scratch<T> s(p);
-    Tile<T> tile(p, Kept::chain);
+    Tile<T> tile(K, C, Kept::chain);
     AlignedVector<T> g_a(K);
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
@@ -682,7 +755,8 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 // ---------------------------------------------------------------- host wrappers
 
 // Checks every argument and fills `p` with contiguous data; `storage` keeps the
-// contiguous copies alive.
+// contiguous copies alive. The norms have `child_stages` rows past the pass's
+// stages (a hand-down's: its child's first).
 template <typename T>
 Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
                   const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
@@ -691,27 +765,30 @@ Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in
                   at::TensorList factor_masks, at::TensorList factor_tables,
                   at::IntArrayRef factor_stages, const at::Tensor& queries,
                   const std::optional<at::Tensor>& stats, double norm_eps, double attn_eps,
-                  std::vector<at::Tensor>& storage) {
+                  int64_t child_stages, std::vector<at::Tensor>& storage) {
   const at::ScalarType dtype = k_in.scalar_type();
   TORCH_CHECK(k_in.dim() == 3, op, ": k_in must be [B, N, C], got shape ", k_in.sizes());
   Pass<T> p;
   p.batch = k_in.size(0);
   p.tokens = k_in.size(1);
   p.channels = k_in.size(2);
-  p.depth = norm_k_weight.dim() == 2 ? norm_k_weight.size(0) : 0;
+  p.depth = norm_k_weight.dim() == 2 ? norm_k_weight.size(0) - child_stages : 0;
   p.slots = queries.dim() == 3 ? queries.size(1) : 0;
   const int64_t B = p.batch, N = p.tokens, C = p.channels, D = p.depth;
   check_float_cpu(op, "k_in", k_in, dtype, "k_in");
   check_float_cpu(op, "v_in", v_in, dtype, "k_in");
   check_shape(op, "v_in", v_in, k_in.sizes(), "[B, N, C] like k_in");
-  TORCH_CHECK(D >= 1, op, ": norm_k_weight must be [D, C] with D >= 1 stages, got shape ",
+  const char* norm_shape = child_stages == 0 ? "[D, C] with D >= 1 stages"
+                                             : "[D + 1, C]: D >= 1 stages and the child's";
+  TORCH_CHECK(D >= 1, op, ": norm_k_weight must be ", norm_shape, ", got shape ",
               norm_k_weight.sizes());
   const std::pair<const char*, const at::Tensor*> norms[] = {
       {"norm_k_weight", &norm_k_weight}, {"norm_k_bias", &norm_k_bias},
       {"norm_v_weight", &norm_v_weight}, {"norm_v_bias", &norm_v_bias}};
   for (const auto& [name, t] : norms) {
     check_float_cpu(op, name, *t, dtype, "k_in");
-    check_shape(op, name, *t, {D, C}, "[D, C] (C from k_in)");
+    check_shape(op, name, *t, {D + child_stages, C},
+                child_stages == 0 ? "[D, C] (C from k_in)" : "[D + 1, C] (C from k_in)");
   }
   check_float_cpu(op, "queries", queries, dtype, "k_in");
   TORCH_CHECK(p.slots >= 1, op, ": queries must be [B, K, C] with K >= 1, got shape ",
@@ -781,72 +858,105 @@ Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in
   return p;
 }
 
-// The forward of both ops: with `prompts` and `hand_down`, the hand-down's too.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
-    const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias, at::TensorList stage_bases,
-    at::IntArrayRef base_stages, at::TensorList factor_masks, at::TensorList factor_tables,
-    at::IntArrayRef factor_stages, const at::Tensor& queries,
-    const std::optional<at::Tensor>& stats, double norm_eps, double attn_eps,
-    const at::Tensor* prompts, at::Tensor* hand_down) {
-  at::Tensor attn, attn_sum, attn_v, stats_out;
+// What a hand-down takes besides a pass's arguments.
+struct HandDownArgs {
+  const at::Tensor& prompts;
+  at::Tensor& hand_down;
+  const std::optional<at::Tensor>& child_queries;
+};
+
+using PassOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using HandDownOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The forward of both ops: with `hd`, the hand-down's, whose last three outputs are
+// its child's first pass (K_c = 0 slots without child_queries).
+HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
+                        const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
+                        const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias,
+                        at::TensorList stage_bases, at::IntArrayRef base_stages,
+                        at::TensorList factor_masks, at::TensorList factor_tables,
+                        at::IntArrayRef factor_stages, const at::Tensor& queries,
+                        const std::optional<at::Tensor>& stats, double norm_eps,
+                        double attn_eps, const HandDownArgs* hd) {
+  at::Tensor attn, attn_sum, attn_v, stats_out, child_attn, child_attn_sum, child_attn_v;
   check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
   AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
     std::vector<at::Tensor> storage;
     Pass<scalar_t> p = make_pass<scalar_t>(
         op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
         base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-        attn_eps, storage);
-    attn = at::empty({p.batch, p.slots, p.tokens}, k_in.options());
-    if (hand_down != nullptr) {
-      check_float_cpu(op, "hand_down", *hand_down, k_in.scalar_type(), "k_in");
-      check_shape(op, "hand_down", *hand_down, k_in.sizes(), "[B, N, C] like k_in");
-      TORCH_CHECK(hand_down->is_contiguous(), op,
+        attn_eps, hd != nullptr ? 1 : 0, storage);
+    const int64_t B = p.batch, N = p.tokens, C = p.channels;
+    attn = at::empty({B, p.slots, N}, k_in.options());
+    if (hd != nullptr) {
+      check_float_cpu(op, "hand_down", hd->hand_down, k_in.scalar_type(), "k_in");
+      check_shape(op, "hand_down", hd->hand_down, k_in.sizes(), "[B, N, C] like k_in");
+      TORCH_CHECK(hd->hand_down.is_contiguous(), op,
                   ": hand_down must be contiguous to be written in place");
-      p.hand_down = {hand_down->mutable_data_ptr<scalar_t>(),
-                     make_factor<scalar_t>(op, attn, "attn", *prompts, "prompts", p.batch,
-                                           p.tokens, p.channels, k_in.scalar_type(), storage)};
+      p.hand_down.modulation = hd->hand_down.mutable_data_ptr<scalar_t>();
+      p.hand_down.pf = make_factor<scalar_t>(op, attn, "attn", hd->prompts, "prompts", B, N, C,
+                                             k_in.scalar_type(), storage);
+      if (hd->child_queries.has_value()) {
+        const at::Tensor& q = *hd->child_queries;
+        check_float_cpu(op, "child_queries", q, k_in.scalar_type(), "k_in");
+        TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) >= 1 && q.size(2) == C, op,
+                    ": child_queries must be [B, K_c, C] with K_c >= 1 (B, C from k_in), got "
+                    "shape ", q.sizes());
+        storage.push_back(q.contiguous());
+        p.hand_down.child_queries = storage.back().const_data_ptr<scalar_t>();
+        p.hand_down.child_slots = q.size(1);
+      }
     }
-    attn_sum = at::empty({p.batch, p.slots}, k_in.options());
-    attn_v = at::empty({p.batch, p.slots, p.channels}, k_in.options());
-    stats_out = at::empty({p.batch, p.tokens, p.stats_stages(), 4}, k_in.options());
-    auto run = [&](auto kernel) {
-      kernel(p, attn.mutable_data_ptr<scalar_t>(), attn_sum.mutable_data_ptr<scalar_t>(),
-             attn_v.mutable_data_ptr<scalar_t>(), stats_out.mutable_data_ptr<scalar_t>());
-    };
-    if (hand_down != nullptr) {
-      run(forward_kernel<Kept::last_modulation, scalar_t>);
+    const int64_t Kc = p.hand_down.child_slots;
+    attn_sum = at::empty({B, p.slots}, k_in.options());
+    attn_v = at::empty({B, p.slots, C}, k_in.options());
+    stats_out = at::empty({B, N, p.stats_stages(), 4}, k_in.options());
+    child_attn = at::empty({B, Kc, N}, k_in.options());
+    child_attn_sum = at::empty({B, Kc}, k_in.options());
+    child_attn_v = at::empty({B, Kc, C}, k_in.options());
+    const Outputs<scalar_t> out{attn.mutable_data_ptr<scalar_t>(),
+                                attn_sum.mutable_data_ptr<scalar_t>(),
+                                attn_v.mutable_data_ptr<scalar_t>(),
+                                stats_out.mutable_data_ptr<scalar_t>(),
+                                child_attn.mutable_data_ptr<scalar_t>(),
+                                child_attn_sum.mutable_data_ptr<scalar_t>(),
+                                child_attn_v.mutable_data_ptr<scalar_t>()};
+    if (hd != nullptr) {
+      forward_kernel<Kept::last_modulation, scalar_t>(p, out);
     } else {
-      run(forward_kernel<Kept::nothing, scalar_t>);
+      forward_kernel<Kept::nothing, scalar_t>(p, out);
     }
   });
-  return {attn, attn_sum, attn_v, stats_out};
+  return {attn, attn_sum, attn_v, stats_out, child_attn, child_attn_sum, child_attn_v};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_cpu(
+PassOutputs slot_attention_pass_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
     const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
     const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
     double attn_eps) {
-  return forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
-                 norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables,
-                 factor_stages, queries, stats, norm_eps, attn_eps, nullptr, nullptr);
+  auto [attn, attn_sum, attn_v, stats_out, _a, _s, _v] =
+      forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+              norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+              queries, stats, norm_eps, attn_eps, nullptr);
+  return {attn, attn_sum, attn_v, stats_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> slot_attention_pass_hand_down_cpu(
+HandDownOutputs slot_attention_pass_hand_down_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
     const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
     const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down) {
+    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down,
+    const std::optional<at::Tensor>& child_queries) {
+  const HandDownArgs hd{prompts, hand_down, child_queries};
   return forward("slot_attention_pass_hand_down", k_in, v_in, norm_k_weight, norm_k_bias,
                  norm_v_weight, norm_v_bias, stage_bases, base_stages, factor_masks,
-                 factor_tables, factor_stages, queries, stats, norm_eps, attn_eps, &prompts,
-                 &hand_down);
+                 factor_tables, factor_stages, queries, stats, norm_eps, attn_eps, &hd);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -869,7 +979,7 @@ slot_attention_pass_backward_cpu(
     const Pass<scalar_t> p = make_pass<scalar_t>(
         op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
         base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-        attn_eps, storage);
+        attn_eps, 0, storage);
     const int64_t B = p.batch, K = p.slots, N = p.tokens, C = p.channels;
     check_float_cpu(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in");
     check_float_cpu(op, "grad_attn_sum", grad_attn_sum, k_in.scalar_type(), "k_in");

@@ -159,21 +159,28 @@ def slot_attention_pass(k_in: torch.Tensor, v_in: torch.Tensor, norm_k_weight: t
 
 def _pass_args(op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                stage_bases, factor_masks, factor_tables, factor_stages, queries, stats,
-               backend, validate_args) -> tuple:
+               backend, validate_args, child_stages: int = 0) -> tuple:
     """The compiled ops' leading arguments from the wrappers' (one ``stage_bases``
     entry per stage becomes the bases and their stages), checked unless
-    ``validate_args`` is False."""
+    ``validate_args`` is False; the norms have ``child_stages`` rows past the pass's
+    stages."""
     bases = [t for t in stage_bases if t is not None]
     base_stages = [d for d, t in enumerate(stage_bases) if t is not None]
     args = (k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, bases,
             base_stages, list(factor_masks), list(factor_tables),
             [int(s) for s in factor_stages], queries, stats)
     if validate_args:
-        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend), op=op)
-        depth = norm_k_weight.shape[0]
-        if len(stage_bases) != depth:
-            raise ValueError(f"{op}: stage_bases must have one entry (a tensor or None) per "
-                             f"stage, D = {depth}, got {len(stage_bases)}")
+        depth = len(stage_bases)
+        rows = "D" if child_stages == 0 else "D + 1"
+        for name, norm in zip(_slot_attention_pass.NORM_NAMES,
+                              (norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias)):
+            if norm.dim() != 2 or norm.shape[0] != depth + child_stages:
+                child = " and one for the child's" if child_stages else ""
+                raise ValueError(f"{op}: {name} must be [{rows}, C], a row per stage{child}, "
+                                 f"with D = {depth} stages (one per stage_bases entry); got "
+                                 f"shape {list(norm.shape)}")
+        _slot_attention_pass.check_args(*args, dtypes=_dtypes(backend), op=op,
+                                        child_stages=child_stages)
     return args
 
 
@@ -186,32 +193,39 @@ def slot_attention_pass_hand_down(k_in: torch.Tensor, v_in: torch.Tensor,
                                   factor_stages: Sequence[int], queries: torch.Tensor,
                                   stats: torch.Tensor | None, norm_eps: float,
                                   attn_eps: float, prompts: torch.Tensor,
-                                  hand_down: torch.Tensor, *, backend: str = "reference",
-                                  validate_args: bool = True):
+                                  hand_down: torch.Tensor,
+                                  child_queries: torch.Tensor | None = None, *,
+                                  backend: str = "reference", validate_args: bool = True):
     """A parent level's pass, for inference: ``slot_attention_pass``, and what the
-    parent hands its child. With ``m`` the modulation of the pass's last stage (its
-    base times its factors; 1 if it has neither) and ``pf = sum_i attn_i *
-    prompts_i`` (prompts [B or 1, K, C]), writes ``m * pf`` into ``hand_down``
-    [B, N, C] (contiguous; it may be the last stage's base, which is then updated in
-    place) and returns ``stats`` with one more stage, [B, N, D + 1, 4]: the
-    statistics of the child's first LayerNorm, which its passes then take instead of
-    computing. Compiled for the "cpu" backend only; no autograd (refuses tensors
+    parent hands its child. The norms have a row per stage and one more, the child's
+    LayerNorm: [D + 1, C] (``stage_bases`` has D entries). With ``m`` the modulation
+    of the pass's last stage (its base times its factors; 1 if it has neither) and
+    ``pf = sum_i attn_i * prompts_i`` (prompts [B or 1, K, C]), writes ``m * pf``
+    into ``hand_down`` [B, N, C] (contiguous; it may be the last stage's base, which
+    is then updated in place) and returns ``(attn, attn_sum, attn_v, stats,
+    child_attn, child_attn_sum, child_attn_v)``: ``stats`` with one more stage,
+    [B, N, D + 1, 4], the statistics of the child's first LayerNorm, which its passes
+    then take instead of computing; and, given ``child_queries`` [B, K_c, C], the
+    child's first pass with those queries ([B, K_c, N], [B, K_c], [B, K_c, C]; K_c =
+    0 without). Compiled for the "cpu" backend only; no autograd (refuses tensors
     that require grad while grad mode is on); "reference" runs the twin anywhere."""
     op = "slot_attention_pass_hand_down"
     args = _pass_args(op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                       stage_bases, factor_masks, factor_tables, factor_stages, queries, stats,
-                      backend, validate_args)
+                      backend, validate_args, child_stages=1)
     if validate_args:
-        _slot_attention_pass.check_hand_down(k_in, queries, prompts, hand_down, op=op)
+        _slot_attention_pass.check_hand_down(k_in, queries, prompts, hand_down, child_queries,
+                                             op=op)
     if backend not in ("reference", "cpu"):
         raise ValueError(f"{op}: compiled for the 'cpu' backend only; got backend {backend!r}")
-    tensors = (*args[:6], *args[6], *factor_masks, *factor_tables, queries, prompts, hand_down)
+    tensors = (*args[:6], *args[6], *factor_masks, *factor_tables, queries, prompts, hand_down,
+               *([] if child_queries is None else [child_queries]))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"{op}: for inference, with no autograd; use slot_attention_pass and "
                            "mask_fusion when gradients are needed (or call it under "
                            "torch.no_grad())")
     return _select(op, backend, slot_attention_pass_hand_down_reference, k_in.device)(
-        *args, float(norm_eps), float(attn_eps), prompts, hand_down)
+        *args, float(norm_eps), float(attn_eps), prompts, hand_down, child_queries)
 
 
 def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tensor,

@@ -37,12 +37,19 @@ autograd does not differentiate lists with None entries.)
 
 A parent level's pass under inference (backend "cpu") is
 ``slot_attention_pass_hand_down``: the same pass, which also hands its child its
-input. With ``m`` the modulation of the pass's last stage (its base times its
-factors, or 1) and ``pf = sum_i attn_i * prompts_i``, it writes ``m * pf`` into
-``hand_down`` (which may be that stage's base: the level's running modulation,
-updated in place) and returns ``stats`` with one more stage, [B, N, D + 1, 4]: the
-statistics of the child's first LayerNorm, whose input is ``k * pf`` and ``v *
-pf``. No autograd (training hands the child ``pf`` as a factor instead).
+input. Its norms have one more row, [D + 1, C], the child's LayerNorm (stage D).
+With ``m`` the modulation of the pass's last stage (its base times its factors, or
+1) and ``pf = sum_i attn_i * prompts_i``, it writes ``m * pf`` into ``hand_down``
+(which may be that stage's base: the level's running modulation, updated in place)
+and returns ``stats`` with one more stage, [B, N, D + 1, 4]: the statistics of the
+child's first LayerNorm, whose input is ``k * pf`` and ``v * pf``. Given
+``child_queries`` [B, K_c, C] (a child starts every call from its slots_mu, so its
+first queries are known before its parent's pass), it also runs the child's first
+pass on the same tokens, ``k^c = LayerNorm_D(k * pf)`` and ``v^c`` likewise, while
+their rows are in cache, and returns its ``child_attn``, ``child_attn_sum`` and
+``child_attn_v`` (with K_c = 0 slots without ``child_queries``). A child whose
+first pass must hand down in turn (a middle level) runs it itself. No autograd
+(training hands the child ``pf`` as a factor instead).
 
 This module is the ops' Python side: the reference twins, argument checks, fake
 kernels and autograd (backward by recomputation, ``slot_attention_pass_backward``).
@@ -117,25 +124,37 @@ def slot_attention_pass_hand_down_reference(k_in, v_in, norm_k_weight, norm_k_bi
                                             norm_v_weight, norm_v_bias, stage_bases,
                                             base_stages, factor_masks, factor_tables,
                                             factor_stages, queries, stats, norm_eps: float,
-                                            attn_eps: float, prompts, hand_down):
+                                            attn_eps: float, prompts, hand_down,
+                                            child_queries=None):
     """The hand-down pass in plain PyTorch: the pass's outputs, with the child's first
-    stage appended to ``stats``; writes the child's modulation into ``hand_down``."""
+    stage appended to ``stats``, and the child's first pass (empty without
+    ``child_queries``); writes the child's modulation into ``hand_down``."""
+    norms = (norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias)
     k, v, all_stats, (y_k, y_v, mod) = _reference_chain(
-        k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, norm_eps)
+        k_in, v_in, *(n[:-1] for n in norms), stage_bases, base_stages, factor_masks,
+        factor_tables, factor_stages, norm_eps)
     attn = torch.bmm(queries, k.transpose(1, 2)).softmax(dim=1) + attn_eps
     handed = mask_fusion_reference([attn], [prompts], mod)
     all_stats += _row_stats(y_k * handed, y_v * handed, norm_eps)
     hand_down.copy_(handed)
-    return attn, attn.sum(dim=-1), torch.bmm(attn, v), _stack_stats(all_stats)
+    if child_queries is None:
+        child_queries = queries.new_empty((queries.shape[0], 0, queries.shape[2]))
+    child_k = F.layer_norm(y_k * handed, k.shape[-1:], norm_k_weight[-1], norm_k_bias[-1],
+                           norm_eps)
+    child_v = F.layer_norm(y_v * handed, v.shape[-1:], norm_v_weight[-1], norm_v_bias[-1],
+                           norm_eps)
+    child_attn = torch.bmm(child_queries, child_k.transpose(1, 2)).softmax(dim=1) + attn_eps
+    return (attn, attn.sum(dim=-1), torch.bmm(attn, v), _stack_stats(all_stats),
+            child_attn, child_attn.sum(dim=-1), torch.bmm(child_attn, child_v))
 
 
 def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
-               stats=None, *, grads=None,
+               stats=None, *, grads=None, child_stages: int = 0,
                dtypes: tuple[torch.dtype, ...] | None = None, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
     """Raise TypeError or ValueError naming the problem; ``grads`` are the backward
-    op's three output gradients. Returns (B, N, C, K)."""
+    op's three output gradients; the norms have ``child_stages`` rows past the pass's
+    D stages (a hand-down's: its child's first). Returns (B, N, C, K)."""
     named = {"k_in": k_in, "v_in": v_in, "queries": queries}
     if stats is not None:
         named["stats"] = stats
@@ -155,11 +174,12 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
                          f"got shape {list(v_in.shape)}")
     if tokens < 1:
         raise ValueError(f"{op}: k_in must hold at least one token, got shape {list(k_in.shape)}")
-    depth = norm_k_weight.shape[0] if norm_k_weight.dim() == 2 else 0
+    depth = norm_k_weight.shape[0] - child_stages if norm_k_weight.dim() == 2 else 0
+    rows = "D" if child_stages == 0 else "D + 1"
     for name in NORM_NAMES:
-        if depth < 1 or list(named[name].shape) != [depth, channels]:
-            raise ValueError(f"{op}: {name} must be [D, C] with D >= 1 stages and C = {channels} "
-                             f"(from k_in), got shape {list(named[name].shape)}")
+        if depth < 1 or list(named[name].shape) != [depth + child_stages, channels]:
+            raise ValueError(f"{op}: {name} must be [{rows}, C] with D >= 1 stages and C = "
+                             f"{channels} (from k_in), got shape {list(named[name].shape)}")
     if queries.dim() != 3 or queries.shape[0] != batch or queries.shape[1] < 1 \
             or queries.shape[2] != channels:
         raise ValueError(f"{op}: queries must be [B, K, C] = [{batch}, K >= 1, {channels}] "
@@ -197,10 +217,13 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     return batch, tokens, channels, slots
 
 
-def check_hand_down(k_in, queries, prompts, hand_down,
+def check_hand_down(k_in, queries, prompts, hand_down, child_queries=None,
                     op: str = "slot_attention_pass_hand_down") -> None:
     """The hand-down's own arguments, after ``check_args`` has checked the rest."""
-    check_tensors({"k_in": k_in, "prompts": prompts, "hand_down": hand_down}, op=op)
+    named = {"k_in": k_in, "prompts": prompts, "hand_down": hand_down}
+    if child_queries is not None:
+        named["child_queries"] = child_queries
+    check_tensors(named, op=op)
     batch, _, channels = k_in.shape
     slots = queries.shape[1]
     if prompts.dim() != 3 or prompts.shape[0] not in (1, batch) or \
@@ -213,6 +236,11 @@ def check_hand_down(k_in, queries, prompts, hand_down,
                          f"got shape {list(hand_down.shape)}")
     if not hand_down.is_contiguous():
         raise ValueError(f"{op}: hand_down must be contiguous to be written in place")
+    if child_queries is not None and (
+            child_queries.dim() != 3 or child_queries.shape[0] != batch
+            or child_queries.shape[1] < 1 or child_queries.shape[2] != channels):
+        raise ValueError(f"{op}: child_queries must be [B, K_c, C] = [{batch}, K_c >= 1, "
+                         f"{channels}] (B, C from k_in), got shape {list(child_queries.shape)}")
 
 
 # ---------------------------------------------------------------- torch.library
@@ -220,27 +248,30 @@ def check_hand_down(k_in, queries, prompts, hand_down,
 
 def _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
           base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-          attn_eps, *, op: str = "slot_attention_pass", extra_stages: int = 0):
-    """The outputs' shapes; ``stats`` has ``extra_stages`` stages beyond the pass's D
-    (the hand-down's: its child's first)."""
+          attn_eps, *, op: str = "slot_attention_pass", child_stages: int = 0):
+    """The outputs' shapes; ``stats`` has a stage per row of the norms (a hand-down's
+    ``child_stages``: its child's first too)."""
     batch, tokens, channels, slots = check_args(
         k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
         base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
-        dtypes=KERNEL_DTYPES, op=op)
+        child_stages=child_stages, dtypes=KERNEL_DTYPES, op=op)
     return (k_in.new_empty((batch, slots, tokens)), k_in.new_empty((batch, slots)),
             k_in.new_empty((batch, slots, channels)),
-            k_in.new_empty((batch, tokens, norm_k_weight.shape[0] + extra_stages, 4)))
+            k_in.new_empty((batch, tokens, norm_k_weight.shape[0], 4)))
 
 
 def _fake_hand_down(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                     stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
-                    queries, stats, norm_eps, attn_eps, prompts, hand_down):
+                    queries, stats, norm_eps, attn_eps, prompts, hand_down, child_queries):
     op = "slot_attention_pass_hand_down"
     outputs = _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                     stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
-                    queries, stats, norm_eps, attn_eps, op=op, extra_stages=1)
-    check_hand_down(k_in, queries, prompts, hand_down, op=op)
-    return outputs
+                    queries, stats, norm_eps, attn_eps, op=op, child_stages=1)
+    check_hand_down(k_in, queries, prompts, hand_down, child_queries, op=op)
+    batch, tokens, channels = k_in.shape
+    child_slots = 0 if child_queries is None else child_queries.shape[1]
+    return (*outputs, k_in.new_empty((batch, child_slots, tokens)),
+            k_in.new_empty((batch, child_slots)), k_in.new_empty((batch, child_slots, channels)))
 
 
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
