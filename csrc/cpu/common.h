@@ -110,19 +110,19 @@ struct VectorOf {
 template <typename T>
 using Vec = typename VectorOf<T>::type;
 
-template <typename T>
+template <typename T, int64_t Width = kBlock<T>>
 struct FullBlock {
   using Unit = Vec<T>;
   static constexpr int64_t kStride = kVectorLanes<T>;  // values per unit
-  static constexpr int64_t kCapacity = kBlock<T> / kVectorLanes<T>;
+  static constexpr int64_t kCapacity = Width / kVectorLanes<T>;
   static constexpr int64_t units = kCapacity;
 };
 
-template <typename T>
+template <typename T, int64_t Width = kBlock<T>>
 struct TailBlock {
   using Unit = T;
   static constexpr int64_t kStride = 1;
-  static constexpr int64_t kCapacity = kBlock<T>;
+  static constexpr int64_t kCapacity = Width;
   int64_t units;
 };
 
@@ -155,12 +155,14 @@ __attribute__((always_inline)) inline void add_lanes(Vec<T>& acc, U x) {
   }
 }
 
-// body(c0, block) for the blocks of [0, C): FullBlock<T>{} or the TailBlock<T> left.
-template <typename T, typename Body>
+// body(c0, block) for the blocks of [0, C): FullBlock<T, Width>{} or the TailBlock
+// left. Width: kBlock<T>, or wider where a block's work is one short dependency
+// chain per unit (more units, more chains in flight).
+template <typename T, int64_t Width = kBlock<T>, typename Body>
 __attribute__((always_inline)) inline void for_each_block(int64_t C, const Body& body) {
   int64_t c0 = 0;
-  for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) body(c0, FullBlock<T>{});
-  if (c0 < C) body(c0, TailBlock<T>{C - c0});
+  for (; c0 + Width <= C; c0 += Width) body(c0, FullBlock<T, Width>{});
+  if (c0 < C) body(c0, TailBlock<T, Width>{C - c0});
 }
 
 // lanes[m] = the sum of the lanes of in[(m % 4) * 4 + m / 4], for 16 registers of

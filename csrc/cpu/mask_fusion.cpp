@@ -69,7 +69,8 @@ void forward_kernel(const std::vector<Factor<T>>& factors, const T* base, const 
   const int64_t tokens = d.batch * N;
 #pragma omp parallel for schedule(static) if (tokens * C * slot_sum(factors) >= kMinParallelWork)
   for (int64_t t = 0; t < tokens; ++t) {
-    modulation(factors, m, t / N, t % N, N, C, static_cast<T*>(nullptr), out + t * C);
+    modulation<T, 4 * kBlock<T>>(factors, m, t / N, t % N, N, C, static_cast<T*>(nullptr),
+                                 out + t * C);
   }
 }
 

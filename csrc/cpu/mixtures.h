@@ -150,10 +150,10 @@ inline void modulation_block(const std::vector<Factor<T>>& factors, const Modula
 // mod = this token's modulation, for `m` with at least one factor (values: as
 // modulation_block). `mod` may be the token's base row itself (mask_fusion_
 // updates in place): each block reads its base values before it writes them.
-template <typename T>
+template <typename T, int64_t Width = kBlock<T>>
 inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T>& m, int64_t b,
                        int64_t n, int64_t N, int64_t C, T* __restrict__ values, T* mod) {
-  for_each_block<T>(C, [&](int64_t c0, auto blk) {
+  for_each_block<T, Width>(C, [&](int64_t c0, auto blk) {
     using Block = decltype(blk);
     typename Block::Unit block_mod[Block::kCapacity];
     modulation_block(factors, m, b, n, N, C, c0, blk, values, block_mod);

@@ -36,6 +36,8 @@
 // (the child's own pass would compute (y_{D-1} * (m_{D-1} * pf)), the same values up
 // to rounding). That saves the child's first pass its reads of k_in, v_in and its
 // bases and its chain: a leaf child only, whose first pass has nothing to hand down.
+// The child's LayerNorm is folded into its attention rather than applied to the
+// rows (FoldedNorm, below).
 //
 // Backward, for gradients g_attn, g_sum, g_v of the three outputs:
 //   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
@@ -421,14 +423,47 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
   });
 }
 
+// A LayerNorm folded into the attention that follows it. The hand-down keeps each
+// token's input to its child's LayerNorm shifted by its first value, d = x - x[0],
+// rather than normalised; with mu' = mean(d), r = 1/std and the norm's w, b:
+//   q . LayerNorm(x)            = r * ((q * w) . d - mu' * sum(q * w)) + q . b
+//   sum_t A_t LayerNorm(v_t)    = w * (sum_t A_t r_t d_t - sum_t A_t r_t mu'_t)
+//                                 + b * sum_t A_t
+// So the tile's logits take the queries q * w and a correction per token and slot,
+// its A * v sums the weights A * r, each chunk also sums A * r * mu' per slot, and
+// the pass finishes attn_v with w and b once the chunks are reduced. The shift (as
+// in the statistics) keeps d and mu' to the row's own spread rather than its mean;
+// and the normalised rows are never written (a sweep over each token's rows less).
+template <typename T>
+struct FoldedNorm {
+  AlignedVector<T> weight_sums, bias_dots;  // [K]: sum(q_i * w_k), q_i . b_k
+  AlignedVector<T> mean_k, rstd_k, mean_v, rstd_v;  // [kTile]: each token's mu', r
+
+  explicit FoldedNorm(int64_t K)
+      : weight_sums(K), bias_dots(K), mean_k(kTile, T(0)), rstd_k(kTile, T(0)),
+        mean_v(kTile, T(0)), rstd_v(kTile, T(0)) {}
+};
+
 // The attention of a tile whose keys and rows (v) are in: its logits, the softmax
 // over the K slots, + attn_eps; writes the tile's columns of attn (`attn_out` at its
 // first token, rows N apart) and adds its sums over tokens to the chunk's partials
-// (`v_partial` [K,C], `sum_partial` [K]).
+// (`v_partial` [K,C], `sum_partial` [K]; with a folded norm, `v_partial` gets the
+// sums of A * r * d and `fold_partial` [K] those of A * r * mu').
 template <typename T>
 inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int64_t N,
-                        T attn_eps, T* attn_out, T* v_partial, T* sum_partial) {
+                        T attn_eps, T* attn_out, T* v_partial, T* sum_partial,
+                        const FoldedNorm<T>* fold = nullptr, T* fold_partial = nullptr) {
   tile_logits(tile, count, C);
+  if (fold != nullptr) {
+    for (int64_t i = 0; i < K; ++i) {
+      T* l = tile.attn.data() + i * kTile;
+      const T weight_sum = fold->weight_sums[i], bias_dot = fold->bias_dots[i];
+#pragma omp simd
+      for (int64_t t = 0; t < kTile; ++t) {
+        l[t] = fold->rstd_k[t] * (l[t] - fold->mean_k[t] * weight_sum) + bias_dot;
+      }
+    }
+  }
   softmax_columns<kTile>(tile.attn.data(), K);
   for (int64_t i = 0; i < K; ++i) {
     T* a = tile.attn.data() + i * kTile;
@@ -440,6 +475,15 @@ inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int6
     }
     sum_partial[i] += total;
     std::copy_n(a, count, attn_out + i * N);
+    if (fold != nullptr) {  // A is written: its weights become A * r
+      T shifted = 0;
+#pragma omp simd reduction(+ : shifted)
+      for (int64_t t = 0; t < kTile; ++t) {
+        a[t] *= fold->rstd_v[t];
+        shifted += t < count ? a[t] * fold->mean_v[t] : T(0);
+      }
+      fold_partial[i] += shifted;
+    }
   }
   tile_weighted_sums(tile, count, K, C, v_partial);
 }
@@ -449,11 +493,12 @@ inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int6
 // into hand_down.modulation, and into each token's `st` entry D the LayerNorm
 // statistics of the child's first stage, whose inputs are k * pf and v * pf (the
 // child computes them as y * (m * pf): the same values up to rounding). With a
-// child tile, also its keys and rows: k * pf and v * pf through the child's
-// LayerNorm and affine (stage D).
+// child tile, also its keys and rows: k * pf and v * pf shifted by their first
+// values, and their mu' and r in `fold`.
 template <typename T>
 inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int64_t n0,
-                           int64_t count, NormStats<T>* stats, Tile<T>* child) {
+                           int64_t count, NormStats<T>* stats, Tile<T>* child,
+                           FoldedNorm<T>* fold) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
   const T* prompts = p.hand_down.pf.rows(b, C);
   const Modulation<T>& last = p.stages[D - 1];
@@ -485,12 +530,11 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
       for (int64_t u = 0; u < blk.units; ++u) {
         const int64_t c = c0 + u * S;
         store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
-        const U xk = load<U>(k + c) * pf[u], xv = load<U>(v + c) * pf[u];
+        const U dk = load<U>(k + c) * pf[u] - shift_k, dv = load<U>(v + c) * pf[u] - shift_v;
         if (child != nullptr) {
-          store(child_k + c, xk);
-          store(child_v + c, xv);
+          store(child_k + c, dk);
+          store(child_v + c, dv);
         }
-        const U dk = xk - shift_k, dv = xv - shift_v;
         add_lanes<T>(acc[0], dk);
         add_lanes<T>(acc[1], dk * dk);
         add_lanes<T>(acc[2], dv);
@@ -501,21 +545,11 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
     for (int r = 0; r < 4; ++r) sums[r] = sum_lanes(reinterpret_cast<const T*>(&acc[r]));
     const NormStats<T> st = finish_norm_stats(shift_k, shift_v, sums, C, p.norm_eps);
     stats[(n0 + t) * (D + 1) + D] = st;
-    if (child != nullptr) {
-      const int64_t at = D * C;
-      for_each_block<T>(C, [&](int64_t c0, auto blk) {
-        using U = typename decltype(blk)::Unit;
-        constexpr int64_t S = decltype(blk)::kStride;
-        for (int64_t u = 0; u < blk.units; ++u) {
-          const int64_t c = c0 + u * S;
-          store(child_k + c, (load<U>(child_k + c) - st.mean_k) * st.rstd_k *
-                                     load<U>(p.norm_k_weight + at + c) +
-                                 load<U>(p.norm_k_bias + at + c));
-          store(child_v + c, (load<U>(child_v + c) - st.mean_v) * st.rstd_v *
-                                     load<U>(p.norm_v_weight + at + c) +
-                                 load<U>(p.norm_v_bias + at + c));
-        }
-      });
+    if (fold != nullptr) {
+      fold->mean_k[t] = sums[0] / T(C);
+      fold->rstd_k[t] = st.rstd_k;
+      fold->mean_v[t] = sums[2] / T(C);
+      fold->rstd_v[t] = st.rstd_v;
     }
   }
 }
@@ -536,21 +570,41 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   const int64_t stats_stages = p.stats_stages();
   const Chunking chunks(p.batch, N);
   // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K]; the
-  // child's likewise.
+  // child's likewise, then its folded norm's sums of A * r * mu' [K_c].
   Partials<T> partials(chunks.count, K + K * C);
-  Partials<T> child_partials(child_pass ? chunks.count : 0, Kc + Kc * C);
+  Partials<T> child_partials(child_pass ? chunks.count : 0, Kc * C + 2 * Kc);
+  const int64_t D = p.depth;
+  const T* child_norm[4] = {p.norm_k_weight + D * C, p.norm_k_bias + D * C,
+                            p.norm_v_weight + D * C, p.norm_v_bias + D * C};
   const bool parallel = p.batch * N * C * (K + Kc + 4 * p.depth) >= kMinParallelWork;
 #pragma omp parallel if (parallel)
   {
     Tile<T> tile(K, C, What);
     std::optional<Tile<T>> child;
-    if (child_pass) child.emplace(Kc, C, Kept::nothing);
+    std::optional<FoldedNorm<T>> fold;
+    if (child_pass) {
+      child.emplace(Kc, C, Kept::nothing);
+      fold.emplace(Kc);
+    }
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
       NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(out.stats) + b * N * stats_stages;
       std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
-      if (child) std::copy_n(p.hand_down.child_queries + b * Kc * C, Kc * C, child->queries.data());
+      if (child) {  // the child's queries times its k norm's weight, for the folded norm
+        const T* q = p.hand_down.child_queries + b * Kc * C;
+        for (int64_t i = 0; i < Kc; ++i) {
+          T weight_sum = 0, bias_dot = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const T qw = q[i * C + c] * child_norm[0][c];
+            child->queries[i * C + c] = qw;
+            weight_sum += qw;
+            bias_dot += q[i * C + c] * child_norm[1][c];
+          }
+          fold->weight_sums[i] = weight_sum;
+          fold->bias_dots[i] = bias_dot;
+        }
+      }
       T* v_partial = partials.chunk(chunk);
       const int64_t chunk_end = chunks.end(chunk, N);
       for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
@@ -564,11 +618,13 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
         attend_tile(tile, count, K, C, N, p.attn_eps, out.attn + b * K * N + n0, v_partial,
                     v_partial + K * C);
         if constexpr (What == Kept::last_modulation) {
-          hand_down_tile(p, tile, b, n0, count, item_stats, child ? &*child : nullptr);
+          hand_down_tile(p, tile, b, n0, count, item_stats, child ? &*child : nullptr,
+                         fold ? &*fold : nullptr);
           if (child) {
             T* child_partial = child_partials.chunk(chunk);
             attend_tile(*child, count, Kc, C, N, p.attn_eps, out.child_attn + b * Kc * N + n0,
-                        child_partial, child_partial + Kc * C);
+                        child_partial, child_partial + Kc * C, &*fold,
+                        child_partial + Kc * C + Kc);
           }
         }
       }
@@ -579,6 +635,14 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   if (child_pass) {
     child_partials.reduce(chunks, 0, Kc * C, true, out.child_attn_v, parallel);
     child_partials.reduce(chunks, Kc * C, Kc, true, out.child_attn_sum, parallel);
+    std::vector<T> shifted(p.batch * Kc);
+    child_partials.reduce(chunks, Kc * C + Kc, Kc, true, shifted.data(), false);
+    for (int64_t r = 0; r < p.batch * Kc; ++r) {  // attn_v = w (sum A r d - sum A r mu') + b sum A
+      T* row = out.child_attn_v + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        row[c] = child_norm[2][c] * (row[c] - shifted[r]) + child_norm[3][c] * out.child_attn_sum[r];
+      }
+    }
   }
 }
 
