@@ -436,12 +436,35 @@ inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, in
 // and the normalised rows are never written (a sweep over each token's rows less).
 template <typename T>
 struct FoldedNorm {
-  AlignedVector<T> weight_sums, bias_dots;  // [K]: sum(q_i * w_k), q_i . b_k
+  const T* weight_sums = nullptr;  // [K] of the chunk's batch item: sum(q_i * w_k)
+  const T* bias_dots = nullptr;    // [K]: q_i . b_k
   AlignedVector<T> mean_k, rstd_k, mean_v, rstd_v;  // [kTile]: each token's mu', r
 
-  explicit FoldedNorm(int64_t K)
-      : weight_sums(K), bias_dots(K), mean_k(kTile, T(0)), rstd_k(kTile, T(0)),
-        mean_v(kTile, T(0)), rstd_v(kTile, T(0)) {}
+  FoldedNorm()
+      : mean_k(kTile, T(0)), rstd_k(kTile, T(0)), mean_v(kTile, T(0)), rstd_v(kTile, T(0)) {}
+};
+
+// The queries of a folded norm, once per pass: q * w_k [B,K,C], and per slot
+// sum(q * w_k) and q . b_k [B,K].
+template <typename T>
+struct FoldedQueries {
+  AlignedVector<T> queries;
+  std::vector<T> weight_sums, bias_dots;
+
+  FoldedQueries(const T* q, int64_t rows, int64_t C, const T* weight_k, const T* bias_k)
+      : queries(rows * C), weight_sums(rows), bias_dots(rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      T weight_sum = 0, bias_dot = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T qw = q[r * C + c] * weight_k[c];
+        queries[r * C + c] = qw;
+        weight_sum += qw;
+        bias_dot += q[r * C + c] * bias_k[c];
+      }
+      weight_sums[r] = weight_sum;
+      bias_dots[r] = bias_dot;
+    }
+  }
 };
 
 // The attention of a tile whose keys and rows (v) are in: its logits, the softmax
@@ -576,6 +599,11 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   const int64_t D = p.depth;
   const T* child_norm[4] = {p.norm_k_weight + D * C, p.norm_k_bias + D * C,
                             p.norm_v_weight + D * C, p.norm_v_bias + D * C};
+  std::optional<FoldedQueries<T>> child_queries;
+  if (child_pass) {
+    child_queries.emplace(p.hand_down.child_queries, p.batch * Kc, C, child_norm[0],
+                          child_norm[1]);
+  }
   const bool parallel = p.batch * N * C * (K + Kc + 4 * p.depth) >= kMinParallelWork;
 #pragma omp parallel if (parallel)
   {
@@ -584,26 +612,17 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
     std::optional<FoldedNorm<T>> fold;
     if (child_pass) {
       child.emplace(Kc, C, Kept::nothing);
-      fold.emplace(Kc);
+      fold.emplace();
     }
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
       NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(out.stats) + b * N * stats_stages;
       std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
-      if (child) {  // the child's queries times its k norm's weight, for the folded norm
-        const T* q = p.hand_down.child_queries + b * Kc * C;
-        for (int64_t i = 0; i < Kc; ++i) {
-          T weight_sum = 0, bias_dot = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const T qw = q[i * C + c] * child_norm[0][c];
-            child->queries[i * C + c] = qw;
-            weight_sum += qw;
-            bias_dot += q[i * C + c] * child_norm[1][c];
-          }
-          fold->weight_sums[i] = weight_sum;
-          fold->bias_dots[i] = bias_dot;
-        }
+      if (child) {
+        std::copy_n(child_queries->queries.data() + b * Kc * C, Kc * C, child->queries.data());
+        fold->weight_sums = child_queries->weight_sums.data() + b * Kc;
+        fold->bias_dots = child_queries->bias_dots.data() + b * Kc;
       }
       T* v_partial = partials.chunk(chunk);
       const int64_t chunk_end = chunks.end(chunk, N);
@@ -640,7 +659,8 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
     for (int64_t r = 0; r < p.batch * Kc; ++r) {  // attn_v = w (sum A r d - sum A r mu') + b sum A
       T* row = out.child_attn_v + r * C;
       for (int64_t c = 0; c < C; ++c) {
-        row[c] = child_norm[2][c] * (row[c] - shifted[r]) + child_norm[3][c] * out.child_attn_sum[r];
+        row[c] = child_norm[2][c] * (row[c] - shifted[r]) +
+                 child_norm[3][c] * out.child_attn_sum[r];
       }
     }
   }
