@@ -97,21 +97,6 @@ def pytest_addoption(parser):
                           "page-faulted in on every call)")
 
 
-def peak_bytes(fn) -> int:
-    """The most CPU memory that ``fn`` holds at once: the running sum, in time order,
-    of the profiler's allocations (each op's own) and frees (``[memory]`` events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    changes = sorted(((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                      if e.self_cpu_memory_usage), key=lambda change: change[0])
-    live = peak = 0
-    for _, delta in changes:
-        live += delta
-        peak = max(peak, live)
-    return peak
-
-
 def is_short(config) -> bool:
     return bool(config.getoption("--bench-short")
                 or os.environ.get("EXPOSURE_SLOT_BENCH_SHORT") == "1")

@@ -18,11 +18,12 @@ import time
 
 import pytest
 import torch
-from conftest import is_short, peak_bytes
+from conftest import is_short
 from torch.utils.flop_counter import FlopCounterMode
 
 import exposure_slot as es
 from exposure_slot.inference import optimize_for_inference
+from exposure_slot.host_memory import peak_allocated_bytes
 
 FULL = {"side": 512, "rounds": 5}
 SHORT = {"side": 64, "rounds": 2}
@@ -140,7 +141,7 @@ def test_model_inference(benchmark, pytestconfig, variant, level):
     if not RESULTS_SGEMM:
         RESULTS_SGEMM.append(sgemm_rate())
     benchmark.extra_info.update(flops=entry["flops"])
-    entry["peak"][variant] = peak_bytes(forward)
+    entry["peak"][variant] = peak_allocated_bytes(forward)
     if benchmark.stats is not None:
         entry["median"][variant] = benchmark.stats.stats.median
     if variant == "cpu" and sizes is FULL:

@@ -16,9 +16,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import peak_bytes
 
 from exposure_slot import SlotInSlotAttention
+from exposure_slot.host_memory import peak_allocated_bytes
 from exposure_slot.ops import cpu_kernels_available
 
 CHANNELS = 128
@@ -97,7 +97,7 @@ def test_forward(benchmark, record, short, level, backend):
     group = f"slot-in-slot forward, level {level}, B={batch} N={tokens} C={CHANNELS} float32"
     record.time(benchmark, group, backend, forward, rounds=3 if short else 10)
     if backend != "compiled":
-        record.peak(group, f"{backend} tensors", peak_bytes(forward))
+        record.peak(group, f"{backend} tensors", peak_allocated_bytes(forward))
         record.peak(group, f"{backend} resident", resident_extra_bytes(level, backend, batch, tokens))
         record.note(group, f"3 x B*N*C*4 bytes = {3 * batch * tokens * CHANNELS * 4 / 2**20:.1f} MiB "
                            "(the target for the cpu backend's tensors)")

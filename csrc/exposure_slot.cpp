@@ -90,6 +90,22 @@ TORCH_LIBRARY(exposure_slot, m) {
       "-> (Tensor slots, Tensor queries)",
       {at::Tag::pt2_compliant_tag});
 
+  // SlotInSlotAttention's whole forward for inference (no autograd), L levels of
+  // K_d slots and `iters` iterations: (prompt_map [B,N,C], slot_map [B,N,C],
+  // masks: per level, top first, its last attention [B,K_d,N]). The levels'
+  // parameters: the input LayerNorms stacked [L,C]; per level slots_mu and prompts
+  // [1,K_d,C], slot_update's 14 weights (flattened, level by level), its scale, its
+  // input norms' eps and its slot norms' eps. csrc/cpu/slot_in_slot_inference.cpp
+  // has the schedule.
+  m.set_python_module("exposure_slot.ops.slot_in_slot_inference");
+  m.def(
+      "slot_in_slot_inference(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
+      "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] slots_mu, "
+      "Tensor[] prompts, Tensor[] update_weights, float[] scales, float[] norm_eps, "
+      "float[] update_eps, int iters, float attn_eps) "
+      "-> (Tensor prompt_map, Tensor slot_map, Tensor[] masks)",
+      {at::Tag::pt2_compliant_tag});
+
   // A 3x3 convolution (stride 1, padding 1: zeros, or by reflection) by Winograd's
   // F(4x4, 3x3), for inference: filter [36, Ci, Co] is the Winograd transform of
   // the weight (exposure_slot.ops.winograd_conv3x3.winograd_filter); x is

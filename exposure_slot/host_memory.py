@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
+
+import torch
 
 # From glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -57,3 +60,24 @@ def keep_freed_memory(max_block: int = 1 << 30) -> bool:
     libc.mallopt.restype = ctypes.c_int
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, max_block)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, max_block))
+
+
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """The most CPU memory ``fn`` holds at once in torch's allocator beyond what was
+    allocated before it: the running sum, in time order, of the profiler's record of
+    every allocation and free. Those records carry their own times, so this sees the
+    tensors a C++ op allocates and frees inside itself (its intermediates) as well
+    as those ops return; the profiler's per-op summaries (``self_cpu_memory_usage``)
+    net an op's inner frees at its start and would miss them. Memory a kernel takes
+    outside torch's allocator (scratch in std::vector) is not counted."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.start_ns())
+    live = peak = 0
+    for record in records:
+        live += record.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -18,10 +18,12 @@ Two implementations of the same computation:
   (a level's attention, with the chain of LayerNorms and modulations from the top
   level's inputs recomputed per token) and ``mask_fusion`` (a product of mixtures,
   for a level's running modulation and the two outputs). Under inference on "cpu"
-  a level with a child runs ``slot_attention_pass_hand_down`` instead, which
-  multiplies pf (and the child's b of the previous iteration) into the running
-  modulation in place, hands the child its LayerNorm statistics, and, for a leaf
-  child, runs the child's first pass on the same tokens. Memory beyond
+  the whole forward is one op, ``slot_in_slot_inference``, which runs this schedule
+  in C++ (no Python between its kernel calls) with two more fusions: a level with
+  a child runs ``slot_attention_pass_hand_down``, which multiplies pf (and the
+  child's b of the previous iteration) into the running modulation in place, hands
+  the child its LayerNorm statistics and, for a leaf child, runs the child's first
+  pass on the same tokens; and each slot update is one op, ``slot_update``. Memory beyond
   the inputs: the two [B, N, C] outputs, the [B, K, N] attention maps, and one
   running modulation per level that has a child (a level's product of pf * b_c
   over its iterations so far, [B, N, C]).
@@ -37,8 +39,7 @@ from torch import nn
 
 from . import ops
 from .backends import resolve_backend, validate_backend
-from .ops import mask_fusion_reference
-from .ops.slot_update import level_weights
+from .ops import mask_fusion_reference, slot_in_slot_inference
 
 EPS = 1e-8  # added to the attention after the softmax, as released
 
@@ -126,6 +127,8 @@ class SlotInSlotAttention(nn.Module):
         backend = resolve_backend(self.backend, k.device)
         if backend == "reference":
             prompt_map, slot_map, masks = self._run_level(0, k, v)
+        elif backend == "cpu" and not torch.is_grad_enabled():
+            prompt_map, slot_map, masks = self._run_cpu_inference(k, v)
         else:
             prompt_map, slot_map, masks = self._run_fused(k, v, backend)
         return SlotAttentionOutput(prompt_map, slot_map, masks)
@@ -159,43 +162,48 @@ class SlotInSlotAttention(nn.Module):
             slot_map = slot_map * child_a
         return prompt_map, slot_map, [attn] + child_masks
 
-    def _run_fused(self, k_in, v_in, backend: str):
-        # The ops run without their Python checks (validate_args=False): the module
-        # builds their arguments, and checks here what it cannot vouch for.
+    def _run_cpu_inference(self, k_in, v_in):
+        """The whole forward as one op (exposure_slot/ops/slot_in_slot_inference.py):
+        the same schedule as _run_fused under inference, with the hand-down passes
+        and the fused slot updates, run in C++ without returning to Python between
+        its kernel calls."""
+        self._check_dtype(k_in, "cpu")
+        return torch.ops.exposure_slot.slot_in_slot_inference(
+            k_in, v_in, *slot_in_slot_inference.level_args(self.levels), self.iters, EPS)
+
+    def _check_dtype(self, k_in, backend: str):
         dtypes = ops.BACKEND_DTYPES[backend]
         if dtypes is not None and k_in.dtype not in dtypes:
             raise TypeError(f"SlotInSlotAttention: backend {backend!r}: the compiled kernels "
                             f"implement {', '.join(str(d).removeprefix('torch.') for d in dtypes)}; "
                             f"got k and v of dtype {k_in.dtype}")
+
+    def _run_fused(self, k_in, v_in, backend: str):
+        # The ops run without their Python checks (validate_args=False): the module
+        # builds their arguments, and checks here what it cannot vouch for.
+        self._check_dtype(k_in, backend)
         stacked = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
                    for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
-        # Per depth, once per forward (a level-3 forward calls its levels 13 times):
-        # the LayerNorms of the stages down to it, and, where the slot update is the
-        # compiled op (inference on "cpu"), its weights.
+        # Per depth, once per forward: the LayerNorms of the stages down to it.
         norms = [[n[:depth + 1] for n in stacked] for depth in range(len(self.levels))]
-        weights = ([level_weights(level) for level in self.levels]
-                   if backend == "cpu" and not torch.is_grad_enabled() else None)
         # Every call of a level starts from its slots_mu: its first queries, once
         # per forward rather than once per call (13 calls at level 3).
         first_queries = [level.to_q(level.norm_slots(level.slots_mu)) * level.scale
                          for level in self.levels]
         prompt_factors, slot_factors, masks = self._fused_level(
-            0, [], None, k_in, v_in, norms, weights, first_queries, backend)
+            0, [], None, k_in, v_in, norms, first_queries, backend)
         prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend, validate_args=False)
         slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend, validate_args=False)
         return prompt_map, slot_map, masks
 
     def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
-                     weights, first_queries, backend: str, first_pass=None):
+                     first_queries, backend: str):
         """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
         what ancestor d multiplies into the tokens it hands down: its running
         modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
         ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages;
-        ``norms[depth]`` and ``weights[depth]`` (None: the slot update runs as ATen
-        ops) are the pass's LayerNorm and the slot update's arguments, and
-        ``first_queries[depth]`` ([1, K, C]) the queries of its slots_mu, where every
-        call of the level starts; ``first_pass`` the outputs (attn, attn_sum, attn_v)
-        of the level's first pass where its parent's hand-down ran it.
+        ``norms[depth]`` is the pass's LayerNorms and ``first_queries[depth]`` ([1,
+        K, C]) the queries of its slots_mu, where every call of the level starts.
         Returns the level's pair (a, b) as factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
@@ -204,11 +212,7 @@ class SlotInSlotAttention(nn.Module):
         slots = level.slots_mu.expand(k_in.shape[0], -1, -1)
         child_a = child_b = []
         child_masks: list[torch.Tensor] = []
-        # Without autograd the CPU backend runs the slot update (GRU, MLP, the next
-        # queries) as one op; the child never reads the slots, so refining them
-        # before it runs changes nothing.
         inference = not torch.is_grad_enabled()
-        fused_update = weights is not None
         queries = first_queries[depth].expand(k_in.shape[0], -1, -1)
 
         def fuse_into(base, factors):
@@ -219,51 +223,20 @@ class SlotInSlotAttention(nn.Module):
                 return ops.mask_fusion_(masks, tables, base, backend=backend, validate_args=False)
             return ops.mask_fusion(masks, tables, base, backend=backend, validate_args=False)
 
-        # Under inference on "cpu" a parent's pass hands its child its input itself
-        # (slot_attention_pass_hand_down): it multiplies pf, and the child's b from
-        # the previous iteration (`pending`), into the running modulation in place,
-        # and computes the statistics of the child's first LayerNorm, which its
-        # passes would otherwise take from the tokens. A leaf child's first pass,
-        # whose queries are known (its slots_mu's), runs in the same pass.
-        hand_down = has_child and fused_update
-        child_queries = None
-        if hand_down and depth + 2 == len(self.levels):
-            child_queries = first_queries[depth + 1].expand(k_in.shape[0], -1, -1)
-        pending: list[tuple] = []
         for iteration in range(self.iters):
-            stages = chain + [(running, pending)]
+            stages = chain + [(running, [])]
             factors = [f for _, stage_factors in stages for f in stage_factors]
-            args = ([base for base, _ in stages], [m for m, _ in factors],
-                    [t for _, t in factors],
-                    [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
-                    queries, stats, level.norm_k_inp.eps, EPS)
-            if iteration == 0 and first_pass is not None:
-                attn, attn_sum, attn_v = first_pass
-            elif hand_down:
-                if running is None:
-                    running = k_in.new_empty(k_in.shape)
-                (attn, attn_sum, attn_v, child_stats,
-                 *child_first_pass) = ops.slot_attention_pass_hand_down(
-                    k_in, v_in, *norms[depth + 1], *args, level.prompts, running, child_queries,
-                    backend=backend, validate_args=False)
-                if stats is None:  # the top level: its own stage's, for its next passes
-                    stats = child_stats[:, :, :depth + 1].contiguous()
-            else:
-                attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
-                    k_in, v_in, *norms[depth], *args, backend=backend, validate_args=False)
-                child_stats = stats
-            if fused_update:
-                slots, queries = ops.slot_update(slots, attn_sum, attn_v, weights[depth],
-                                                 level.scale, level.norm_slots.eps,
-                                                 backend=backend, validate_args=False)
-            else:
-                slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
-                queries = level.to_q(level.norm_slots(slots)) * level.scale
+            attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
+                k_in, v_in, *norms[depth], [base for base, _ in stages],
+                [m for m, _ in factors], [t for _, t in factors],
+                [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
+                queries, stats, level.norm_k_inp.eps, EPS, backend=backend,
+                validate_args=False)
+            slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
+            queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
-                if hand_down:
-                    handed_down = (running, [])
-                elif inference:
+                if inference:
                     # The child's modulation running * pf, made once for all its
                     # passes (and its descendants'), where its passes would each
                     # recompute the mixture per token; running = running * pf * b_c
@@ -273,14 +246,10 @@ class SlotInSlotAttention(nn.Module):
                 else:
                     handed_down = (running, [pf])
                 child_a, child_b, child_masks = self._fused_level(
-                    depth + 1, chain + [handed_down], child_stats, k_in, v_in, norms, weights,
-                    first_queries, backend,
-                    child_first_pass if child_queries is not None else None)
+                    depth + 1, chain + [handed_down], stats, k_in, v_in, norms,
+                    first_queries, backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
-                if hand_down:
-                    pending = child_b
-                else:
-                    running = fuse_into(running, child_b if inference else [pf] + child_b)
+                running = fuse_into(running, child_b if inference else [pf] + child_b)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
                 [attn] + child_masks)
 

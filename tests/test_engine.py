@@ -23,6 +23,7 @@ import exposure_slot as es
 from exposure_slot import inference
 from exposure_slot.data.synthesis import synthesize
 from exposure_slot.engine import compile_for
+from exposure_slot.host_memory import peak_allocated_bytes
 from random_models import random_model
 
 FLOAT32_TOL = 1e-4
@@ -169,21 +170,6 @@ def test_errors_name_the_problem():
         compile_for(model, (1, 3, 16, 16), dtype=torch.float16, device="cpu")
 
 
-def peak_bytes(fn) -> int:
-    """The most CPU memory ``fn`` holds at once, from the profiler's allocations and
-    frees in time order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                     if e.self_cpu_memory_usage)
-    live = peak = 0
-    for _, delta in changes:
-        live += delta
-        peak = max(peak, live)
-    return peak
-
-
 def test_gpu_code_path_memory_scaled_to_4k_stays_under_4gb(monkeypatch):
     """The issue's 3840x2160 memory bar, estimated on CPU: the GPU code path (plain
     convolutions) of the level-2 bfloat16 forward at 1/8 of the 4K side, its peak
@@ -202,7 +188,7 @@ def test_gpu_code_path_memory_scaled_to_4k_stays_under_4gb(monkeypatch):
     model.bottleneck.chunk_tokens = int(model.bottleneck.chunk_tokens / scale)
     x = torch.rand(1, 3, height, width)
     with torch.no_grad():
-        estimate = peak_bytes(lambda: model.correct(x)) * scale
+        estimate = peak_allocated_bytes(lambda: model.correct(x)) * scale
     assert estimate <= 3 * 2**30, f"{estimate / 2**30:.2f} GiB"
 
 

@@ -8,10 +8,10 @@ from fractions import Fraction
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 import exposure_slot as es
 from exposure_slot import tiling
+from exposure_slot.host_memory import peak_allocated_bytes
 from exposure_slot.inference import optimize_for_inference
 from exposure_slot.network import BottleneckBlock
 from exposure_slot.tiling import (
@@ -37,21 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def peak_allocated(fn) -> int:
-    """Peak bytes allocated by the CPU allocator while ``fn`` runs, beyond what was
-    allocated before (from the profiler's allocation events, in order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    assert events, "the profiler recorded no allocations"
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def make_model(level: int = 2, size_policy: str = "pad", seed: int = 0) -> es.ExposureSlot:
@@ -232,7 +217,7 @@ def run_measured(model, x, budget):
     """infer_large within ``budget``: its plan, measured peak and output."""
     plan = plan_tiles(model, x.shape, max_memory=budget)
     result = {}
-    measured = peak_allocated(lambda: result.update(
+    measured = peak_allocated_bytes(lambda: result.update(
         image=infer_large(model, x, max_memory=budget, progress=False)))
     return plan, measured, result["image"]
 
@@ -243,7 +228,7 @@ def test_memory_budget_is_kept():
     model = make_model()
     model.bottleneck.chunk_tokens = 256
     x = torch.rand(1, 3, 144, 200)
-    budget = peak_allocated(lambda: whole(model, x)) // 2
+    budget = peak_allocated_bytes(lambda: whole(model, x)) // 2
     plan, measured, image = run_measured(model, x, budget)
     assert not plan.whole and plan.tile < 200 and plan.mode == "recompute"
     assert measured <= budget, f"peak {measured} > budget {budget} ({plan.describe()})"
@@ -285,17 +270,17 @@ def test_memory_estimates_cover_measured_peaks(level):
 
     with torch.inference_mode():
         measured = {
-            "encoder": peak_allocated(lambda: Window.exact(x, box).through(
+            "encoder": peak_allocated_bytes(lambda: Window.exact(x, box).through(
                 stages.to_e1 + stages.to_e2 + stages.to_e3)) / 256**2,
-            "decoder": peak_allocated(decoder_tile) / 256**2,
-            "whole": peak_allocated(lambda: model(x)) / 256**2,
+            "decoder": peak_allocated_bytes(decoder_tile) / 256**2,
+            "whole": peak_allocated_bytes(lambda: model(x)) / 256**2,
         }
         estimated = {"encoder": tiling.ENCODER_BYTES_PER_PIXEL,
                      "decoder": tiling.DECODER_BYTES_PER_PIXEL,
                      "whole": tiling.WHOLE_BYTES_PER_PIXEL}
         for backend in es.available_backends():
             model.backend = backend
-            measured[backend] = peak_allocated(
+            measured[backend] = peak_allocated_bytes(
                 lambda: model.bottleneck(e3, keep_slot_map=False)) + e3.numel() * 4
             estimated[backend] = tiling._footprint(model, x.shape, torch.float32,
                                                    torch.device("cpu")).bottleneck

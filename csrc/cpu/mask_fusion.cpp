@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "ops.h"
 #include "mixtures.h"
 
 namespace exposure_slot::cpu {
@@ -138,6 +139,8 @@ void fuse_into(const char* op, const FusionDims& d, at::TensorList masks, at::Te
   });
 }
 
+}  // namespace
+
 at::Tensor mask_fusion_cpu(at::TensorList masks, at::TensorList tables,
                            const std::optional<at::Tensor>& base) {
   const FusionDims d = check_first("mask_fusion", masks, tables);
@@ -145,6 +148,8 @@ at::Tensor mask_fusion_cpu(at::TensorList masks, at::TensorList tables,
   fuse_into("mask_fusion", d, masks, tables, base, out);
   return out;
 }
+
+namespace {
 
 void mask_fusion_inplace_cpu(at::TensorList masks, at::TensorList tables, at::Tensor& base) {
   const FusionDims d = check_first("mask_fusion_", masks, tables);

@@ -80,6 +80,7 @@
 #include <vector>
 
 #include "common.h"
+#include "ops.h"
 #include "mixtures.h"
 
 namespace exposure_slot::cpu {
@@ -949,10 +950,6 @@ struct HandDownArgs {
   const std::optional<at::Tensor>& child_queries;
 };
 
-using PassOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using HandDownOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // The forward of both ops: with `hd`, the hand-down's, whose last three outputs are
 // its child's first pass (K_c = 0 slots without child_queries).
 HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -1015,6 +1012,8 @@ HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor
   return {attn, attn_sum, attn_v, stats_out, child_attn, child_attn_sum, child_attn_v};
 }
 
+}  // namespace
+
 PassOutputs slot_attention_pass_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
@@ -1042,6 +1041,8 @@ HandDownOutputs slot_attention_pass_hand_down_cpu(
                  norm_v_weight, norm_v_bias, stage_bases, base_stages, factor_masks,
                  factor_tables, factor_stages, queries, stats, norm_eps, attn_eps, &hd);
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>

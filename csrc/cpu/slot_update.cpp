@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "common.h"
+#include "ops.h"
 
 namespace exposure_slot::cpu {
 namespace {
@@ -161,6 +162,8 @@ void check_weight(const char* name, const at::Tensor& t, at::IntArrayRef shape,
               t.sizes());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
     const at::Tensor& slots, const at::Tensor& attn_sum, const at::Tensor& attn_v,
     const at::Tensor& gru_weight_ih, const at::Tensor& gru_weight_hh,
@@ -214,7 +217,6 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
   return {new_slots, queries};
 }
 
-}  // namespace
 }  // namespace exposure_slot::cpu
 
 TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {

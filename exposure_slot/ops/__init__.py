@@ -17,6 +17,10 @@ Every op ``name`` has three parts:
   the same op as Triton kernels (``kernels/<name>.py``, installed as
   ``exposure_slot.kernels``), on CUDA tensors, or on CPU tensors under Triton's
   interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported).
+
+One op has no wrapper here: ``slot_in_slot_inference``, a whole
+``SlotInSlotAttention`` forward for inference on the CPU, whose public face is that
+module (``exposure_slot/ops/slot_in_slot_inference.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ else:
 # csrc/exposure_slot.cpp tells torch to find their fake kernels.
 from . import mask_fusion as _mask_fusion
 from . import slot_attention_pass as _slot_attention_pass
+from . import slot_in_slot_inference as _slot_in_slot_inference
 from . import slot_update as _slot_update
 from . import winograd_conv3x3 as _winograd_conv3x3
 from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
@@ -50,6 +55,7 @@ from .slot_update import slot_update_reference
 if _C is not None:
     _mask_fusion.register()
     _slot_attention_pass.register()
+    _slot_in_slot_inference.register()
     _slot_update.register()
     _winograd_conv3x3.register()
 

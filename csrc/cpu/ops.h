@@ -1,0 +1,54 @@
+// The CPU kernels' entry points, for CPU code that calls them directly: the
+// slot-in-slot inference op (slot_in_slot_inference.cpp) runs a whole forward
+// through them without going back to Python or the dispatcher. Each is also its
+// op's CPU kernel; csrc/exposure_slot.cpp has the schemas and what they compute.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace exposure_slot::cpu {
+
+at::Tensor mask_fusion_cpu(at::TensorList masks, at::TensorList tables,
+                           const std::optional<at::Tensor>& base);
+
+// (attn, attn_sum, attn_v, stats)
+using PassOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+PassOutputs slot_attention_pass_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps);
+
+// (attn, attn_sum, attn_v, stats, child_attn, child_attn_sum, child_attn_v)
+using HandDownOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+HandDownOutputs slot_attention_pass_hand_down_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down,
+    const std::optional<at::Tensor>& child_queries);
+
+// (new slots, next queries)
+std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
+    const at::Tensor& slots, const at::Tensor& attn_sum, const at::Tensor& attn_v,
+    const at::Tensor& gru_weight_ih, const at::Tensor& gru_weight_hh,
+    const at::Tensor& gru_bias_ih, const at::Tensor& gru_bias_hh,
+    const at::Tensor& norm_pre_ff_weight, const at::Tensor& norm_pre_ff_bias,
+    const at::Tensor& mlp_weight_1, const at::Tensor& mlp_bias_1,
+    const at::Tensor& mlp_weight_2, const at::Tensor& mlp_bias_2,
+    const at::Tensor& norm_slots_weight, const at::Tensor& norm_slots_bias,
+    const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
+    double norm_eps);
+
+}  // namespace exposure_slot::cpu
