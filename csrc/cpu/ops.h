@@ -51,4 +51,10 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
     const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
     double norm_eps);
 
+// The queries of slots [B,K,C], (W_q LayerNorm_slots(slots) + b_q) * scale: the
+// slot update's last step alone (a level's first queries, from its slots_mu).
+at::Tensor slot_queries_cpu(const at::Tensor& slots, const at::Tensor& norm_slots_weight,
+                            const at::Tensor& norm_slots_bias, const at::Tensor& to_q_weight,
+                            const at::Tensor& to_q_bias, double scale, double norm_eps);
+
 }  // namespace exposure_slot::cpu

@@ -29,9 +29,6 @@
 // [B,N,D,4] LayerNorm statistics.
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/layer_norm.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -237,10 +234,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> slot_in_slot_inferen
                 " (from k_in), got shape ", mu.sizes());
     const at::ArrayRef<at::Tensor> w = update_weights.slice(d * kUpdateWeights, kUpdateWeights);
     // Every call of a level starts from slots_mu: its queries once per forward.
-    const at::Tensor normed =
-        at::layer_norm(mu, {C}, w[kNormSlotsWeight], w[kNormSlotsWeight + 1], update_eps[d]);
     const at::Tensor first_queries =
-        at::mul(at::linear(normed, w[kToQWeight], w[kToQWeight + 1]), scales[d]);
+        slot_queries_cpu(mu, w[kNormSlotsWeight], w[kNormSlotsWeight + 1], w[kToQWeight],
+                         w[kToQWeight + 1], scales[d], update_eps[d]);
     levels.push_back({mu, prompts[d], w, scales[d], norm_eps[d], update_eps[d], first_queries});
   }
   Forward forward(k_in, v_in, {norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias},

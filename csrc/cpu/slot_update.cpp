@@ -111,6 +111,21 @@ struct Weights {
   at::Tensor norm_slots_weight, norm_slots_bias, to_q_weight, to_q_bias;
 };
 
+// queries = (W_q LayerNorm_slots(slots) + b_q) * scale for R rows, `normed` their
+// scratch: the update's last step, and a level's first queries (from slots_mu).
+// Inside a parallel region its loops are shared out; outside, one thread runs them.
+template <typename T>
+void queries_step(const T* slots, int64_t R, int64_t C, const T* norm_weight,
+                  const T* norm_bias, const T* to_q_weight, const T* to_q_bias, T scale, T eps,
+                  T* normed, T* queries) {
+  const auto scaled = [scale](T x) { return x * scale; };
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    layer_norm_row(slots + r * C, C, norm_weight, norm_bias, eps, normed + r * C);
+  }
+  linear(normed, R, C, to_q_weight, to_q_bias, C, queries, scaled);
+}
+
 template <typename T>
 void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Weights& w,
                    int64_t R, int64_t C, T scale, T eps, T* new_slots, T* queries) {
@@ -119,7 +134,6 @@ void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Wei
       hidden(R * C);
   const auto identity = [](T x) { return x; };
   const auto relu = [](T x) { return x > T(0) ? x : T(0); };
-  const auto scaled = [scale](T x) { return x * scale; };
   const bool parallel = R * 9 * C * C >= kMinParallelWork;
 #pragma omp parallel if (parallel)
   {
@@ -148,10 +162,9 @@ void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Wei
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t c = 0; c < C; ++c) new_slots[r * C + c] += h[r * C + c];
-      layer_norm_row(new_slots + r * C, C, p(w.norm_slots_weight), p(w.norm_slots_bias), eps,
-                     normed.data() + r * C);
     }
-    linear(normed.data(), R, C, p(w.to_q_weight), p(w.to_q_bias), C, queries, scaled);
+    queries_step(new_slots, R, C, p(w.norm_slots_weight), p(w.norm_slots_bias),
+                 p(w.to_q_weight), p(w.to_q_bias), scale, eps, normed.data(), queries);
   }
 }
 
@@ -215,6 +228,32 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
                             queries.mutable_data_ptr<scalar_t>());
   });
   return {new_slots, queries};
+}
+
+at::Tensor slot_queries_cpu(const at::Tensor& slots, const at::Tensor& norm_slots_weight,
+                            const at::Tensor& norm_slots_bias, const at::Tensor& to_q_weight,
+                            const at::Tensor& to_q_bias, double scale, double norm_eps) {
+  const at::ScalarType dtype = slots.scalar_type();
+  check_float_cpu(kOp, "slots", slots, dtype, "slots");
+  TORCH_CHECK(slots.dim() == 3, kOp, ": slots must be [B, K, C], got shape ", slots.sizes());
+  const int64_t R = slots.size(0) * slots.size(1), C = slots.size(2);
+  check_weight("norm_slots_weight", norm_slots_weight, {C}, dtype);
+  check_weight("norm_slots_bias", norm_slots_bias, {C}, dtype);
+  check_weight("to_q_weight", to_q_weight, {C, C}, dtype);
+  check_weight("to_q_bias", to_q_bias, {C}, dtype);
+  const at::Tensor s = slots.contiguous(), nw = norm_slots_weight.contiguous(),
+                   nb = norm_slots_bias.contiguous(), qw = to_q_weight.contiguous(),
+                   qb = to_q_bias.contiguous();
+  at::Tensor queries = at::empty(slots.sizes(), slots.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, kOp, [&] {
+    AlignedVector<scalar_t> normed(R * C);
+    queries_step(s.const_data_ptr<scalar_t>(), R, C, nw.const_data_ptr<scalar_t>(),
+                 nb.const_data_ptr<scalar_t>(), qw.const_data_ptr<scalar_t>(),
+                 qb.const_data_ptr<scalar_t>(), static_cast<scalar_t>(scale),
+                 static_cast<scalar_t>(norm_eps), normed.data(),
+                 queries.mutable_data_ptr<scalar_t>());
+  });
+  return queries;
 }
 
 }  // namespace exposure_slot::cpu
