@@ -19,11 +19,12 @@ Two implementations of the same computation:
   level's inputs recomputed per token) and ``mask_fusion`` (a product of mixtures,
   for a level's running modulation and the two outputs). Under inference on "cpu"
   the whole forward is one op, ``slot_in_slot_inference``, which runs this schedule
-  in C++ (no Python between its kernel calls) with two more fusions: a level with
-  a child runs ``slot_attention_pass_hand_down``, which multiplies pf (and the
+  in C++ (no Python between its kernel calls) with more fusions: a level with a
+  child runs ``slot_attention_pass_hand_down``, which multiplies pf (and the
   child's b of the previous iteration) into the running modulation in place, hands
   the child its LayerNorm statistics and, for a leaf child, runs the child's first
-  pass on the same tokens; and each slot update is one op, ``slot_update``. Memory beyond
+  pass on the same tokens; each slot update is one op, ``slot_update``; and the
+  leaf's last pass writes the output that holds its own mixture. Memory beyond
   the inputs: the two [B, N, C] outputs, the [B, K, N] attention maps, and one
   running modulation per level that has a child (a level's product of pf * b_c
   over its iterations so far, [B, N, C]).

@@ -26,6 +26,20 @@ PassOutputs slot_attention_pass_cpu(
     const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
     double attn_eps);
 
+// slot_attention_pass_cpu that also writes out = prod_j mix(out_masks[j],
+// out_tables[j]) * mix(attn, own_table) per token, once the token's attention is
+// known: an output fusion in the same sweep. `out` [B,N,C] may be one of the
+// stage bases (a token's row is read before it is written). Not an op: for
+// slot_in_slot_inference's last leaf pass.
+PassOutputs slot_attention_pass_with_output_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, at::TensorList out_masks, at::TensorList out_tables,
+    const at::Tensor& own_table, at::Tensor& out);
+
 // (attn, attn_sum, attn_v, stats, child_attn, child_attn_sum, child_attn_v)
 using HandDownOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -98,6 +98,16 @@ struct HandDown {
   int64_t child_slots = 0;           // K_c
 };
 
+// An output fusion run in the pass: out = the product of `factors`' mixtures, the
+// last of which is the pass's own (attn, table), per token once its attention is
+// known (slot_in_slot_inference's last leaf pass writes one of the module's outputs
+// so, into a running modulation whose row the token's chain has just read).
+template <typename T>
+struct FusedOutput {
+  std::vector<Factor<T>> factors;
+  T* out = nullptr;  // [B,N,C]
+};
+
 template <typename T>
 struct Pass {
   int64_t batch, tokens, channels, slots, depth;
@@ -114,6 +124,7 @@ struct Pass {
   std::vector<Factor<T>> factors;
   std::vector<Modulation<T>> stages;  // [D]
   HandDown<T> hand_down;              // slot_attention_pass_hand_down only
+  FusedOutput<T> output;              // slot_attention_pass_with_output_cpu only
 
   // Stages of the `stats` output: the pass's own, and with a hand-down its child's
   // first.
@@ -647,6 +658,13 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
                         child_partial + Kc * C + Kc);
           }
         }
+        if (p.output.out != nullptr) {  // the tile's attn is written: its mixture is known
+          const Modulation<T> all{nullptr, 0, static_cast<int64_t>(p.output.factors.size())};
+          for (int64_t t = 0; t < count; ++t) {
+            modulation<T, 4 * kBlock<T>>(p.output.factors, all, b, n0 + t, N, C, nullptr,
+                                         p.output.out + (b * N + n0 + t) * C);
+          }
+        }
       }
     }
   }
@@ -950,8 +968,16 @@ struct HandDownArgs {
   const std::optional<at::Tensor>& child_queries;
 };
 
+// What a pass with an output fusion takes besides a pass's arguments.
+struct FusedOutputArgs {
+  at::TensorList masks, tables;  // the factors before the pass's own
+  const at::Tensor& own_table;   // the pass's own factor is (attn, own_table)
+  at::Tensor& out;
+};
+
 // The forward of both ops: with `hd`, the hand-down's, whose last three outputs are
-// its child's first pass (K_c = 0 slots without child_queries).
+// its child's first pass (K_c = 0 slots without child_queries); with `fused`, a
+// pass that also writes an output fusion.
 HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
                         const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
                         const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias,
@@ -959,7 +985,8 @@ HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor
                         at::TensorList factor_masks, at::TensorList factor_tables,
                         at::IntArrayRef factor_stages, const at::Tensor& queries,
                         const std::optional<at::Tensor>& stats, double norm_eps,
-                        double attn_eps, const HandDownArgs* hd) {
+                        double attn_eps, const HandDownArgs* hd,
+                        const FusedOutputArgs* fused = nullptr) {
   at::Tensor attn, attn_sum, attn_v, stats_out, child_attn, child_attn_sum, child_attn_v;
   check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
   AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
@@ -988,6 +1015,17 @@ HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor
         p.hand_down.child_queries = storage.back().const_data_ptr<scalar_t>();
         p.hand_down.child_slots = q.size(1);
       }
+    }
+    if (fused != nullptr) {
+      check_float_cpu(op, "out", fused->out, k_in.scalar_type(), "k_in");
+      check_shape(op, "out", fused->out, k_in.sizes(), "[B, N, C] like k_in");
+      TORCH_CHECK(fused->out.is_contiguous(), op, ": out must be contiguous");
+      p.output.factors = make_factors<scalar_t>(op, fused->masks, fused->tables, B, N, C,
+                                                k_in.scalar_type(), storage);
+      p.output.factors.push_back(make_factor<scalar_t>(op, attn, "attn", fused->own_table,
+                                                       "own_table", B, N, C,
+                                                       k_in.scalar_type(), storage));
+      p.output.out = fused->out.mutable_data_ptr<scalar_t>();
     }
     const int64_t Kc = p.hand_down.child_slots;
     attn_sum = at::empty({B, p.slots}, k_in.options());
@@ -1025,6 +1063,22 @@ PassOutputs slot_attention_pass_cpu(
       forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
               norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
               queries, stats, norm_eps, attn_eps, nullptr);
+  return {attn, attn_sum, attn_v, stats_out};
+}
+
+PassOutputs slot_attention_pass_with_output_cpu(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, at::TensorList out_masks, at::TensorList out_tables,
+    const at::Tensor& own_table, at::Tensor& out) {
+  const FusedOutputArgs fused{out_masks, out_tables, own_table, out};
+  auto [attn, attn_sum, attn_v, stats_out, _a, _s, _v] =
+      forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+              norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+              queries, stats, norm_eps, attn_eps, nullptr, &fused);
   return {attn, attn_sum, attn_v, stats_out};
 }
 

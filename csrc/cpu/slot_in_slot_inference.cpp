@@ -15,8 +15,13 @@
 //     tensor and those pending factors), hands the child the statistics of the
 //     child's first LayerNorm and, where the child is a leaf, runs the child's
 //     first pass on the same tokens. Then the slot update, then the child's call;
-//   - the outputs, a level's pair crossed over with its child's: one mask_fusion
-//     each, of the factor lists the levels return.
+//   - the outputs, a level's pair crossed over with its child's: products of the
+//     levels' mixtures. The one that holds the leaf's own (attn, prompts) has all
+//     its other factors known once every ancestor is in its last iteration (their
+//     last attention and final slots), so the leaf's last pass writes it, per token
+//     once the token's attention is known, over the top level's running
+//     modulation, whose row the token's chain has just read and which nothing
+//     reads after that pass. The other output is one mask_fusion.
 //
 // Why one op: a level-2 forward is 23 kernel calls and a level-3 forward 71.
 // Driven from Python, the interpreter's own work between the calls (building each
@@ -84,8 +89,13 @@ class Forward {
         iters_(iters), attn_eps_(attn_eps) {}
 
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run() {
-    LevelOutputs top = level(0, {}, std::nullopt, nullptr);
-    return {fuse(top.a), fuse(top.b), std::move(top.masks)};
+    const std::vector<Factor> no_ancestors;
+    LevelOutputs top = level(0, {}, std::nullopt, nullptr, &no_ancestors);
+    // The leaf's a lands in the top's a when the levels below the top are even.
+    const bool leaf_in_a = (levels_.size() - 1) % 2 == 0;
+    at::Tensor a = leaf_in_a && leaf_output_.defined() ? leaf_output_ : fuse(top.a);
+    at::Tensor b = !leaf_in_a && leaf_output_.defined() ? leaf_output_ : fuse(top.b);
+    return {a, b, std::move(top.masks)};
   }
 
  private:
@@ -107,10 +117,12 @@ class Forward {
 
   // The level at `depth`, given its ancestors' stages and the statistics of their
   // LayerNorms and of its own first one (its parent's hand-down computed them);
-  // `first_pass`: its first pass where its parent's hand-down ran it.
+  // `first_pass`: its first pass where its parent's hand-down ran it;
+  // `output_factors`, while every ancestor is in its last iteration: their factors
+  // of the output that will hold the leaf's a (null otherwise).
   LevelOutputs level(int64_t depth, const std::vector<Stage>& chain,
                      const std::optional<at::Tensor>& parent_stats,
-                     const Attention* first_pass) {
+                     const Attention* first_pass, const std::vector<Factor>* output_factors) {
     const Level& lv = levels_[depth];
     const int64_t L = static_cast<int64_t>(levels_.size());
     const bool has_child = depth + 1 < L;
@@ -160,6 +172,19 @@ class Forward {
         child_stats = handed_stats;
         // The top level's own stage, for its next passes.
         if (!stats.has_value()) stats = handed_stats.narrow(2, 0, depth + 1).contiguous();
+      } else if (output_factors != nullptr && iteration + 1 == iters_) {
+        std::vector<at::Tensor> out_masks, out_tables;
+        for (const auto& [m, t] : *output_factors) {
+          out_masks.push_back(m);
+          out_tables.push_back(t);
+        }
+        leaf_output_ = depth > 0 ? chain[0].base : at::empty(k_in_.sizes(), k_in_.options());
+        auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_with_output_cpu(
+            k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages, masks,
+            tables, factor_stages, queries, stats, lv.norm_eps, attn_eps_, out_masks,
+            out_tables, lv.prompts, leaf_output_);
+        att = {attn, attn_sum, attn_v};
+        stats = pass_stats;
       } else {
         auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_cpu(
             k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages, masks,
@@ -174,8 +199,19 @@ class Forward {
       if (has_child) {
         std::vector<Stage> child_chain = chain;
         child_chain.push_back({running, {}});
+        // In the last iteration this level's attention and slots are final: its
+        // factor of the leaf's output is (attn, prompts) if the leaf's a reaches
+        // this level's a, (attn, slots) if its b.
+        std::vector<Factor> child_output_factors;
+        const bool last = output_factors != nullptr && iteration + 1 == iters_;
+        if (last) {
+          child_output_factors = *output_factors;
+          const bool leaf_in_a = (levels_.size() - 1 - depth) % 2 == 0;
+          child_output_factors.emplace_back(att.attn, leaf_in_a ? lv.prompts : slots);
+        }
         child = level(depth + 1, child_chain, child_stats,
-                      child_queries.has_value() ? &child_first : nullptr);
+                      child_queries.has_value() ? &child_first : nullptr,
+                      last ? &child_output_factors : nullptr);
         if (iteration + 1 < iters_) pending = child.b;  // the last one is never used
       }
     }
@@ -196,6 +232,7 @@ class Forward {
   const std::vector<Level> levels_;
   const int64_t iters_;
   const double attn_eps_;
+  at::Tensor leaf_output_;  // the output the leaf's last pass wrote, if it ran one
 };
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> slot_in_slot_inference_cpu(
