@@ -41,6 +41,7 @@ from torch import nn
 from . import ops
 from .backends import resolve_backend, validate_backend
 from .ops import mask_fusion_reference, slot_in_slot_inference
+from .ops.slot_attention_pass import stacked_norms
 
 EPS = 1e-8  # added to the attention after the softmax, as released
 
@@ -183,8 +184,7 @@ class SlotInSlotAttention(nn.Module):
         # The ops run without their Python checks (validate_args=False): the module
         # builds their arguments, and checks here what it cannot vouch for.
         self._check_dtype(k_in, backend)
-        stacked = [torch.stack([getattr(getattr(level, norm), attr) for level in self.levels])
-                   for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
+        stacked = stacked_norms(self.levels)
         # Per depth, once per forward: the LayerNorms of the stages down to it.
         norms = [[n[:depth + 1] for n in stacked] for depth in range(len(self.levels))]
         # Every call of a level starts from its slots_mu: its first queries, once

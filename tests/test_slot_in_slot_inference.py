@@ -18,44 +18,19 @@ import pytest
 import torch
 
 from conftest import requires_kernels
-from exposure_slot import SlotInSlotAttention
 from exposure_slot.ops import slot_in_slot_inference
+from test_slot_in_slot_fused import flat, make_inputs, make_pair
 
-OP = getattr(torch.ops.exposure_slot, "slot_in_slot_inference", None) if hasattr(
-    torch.ops, "exposure_slot") else None
+OP = getattr(torch.ops.exposure_slot, "slot_in_slot_inference", None)
 F64_TOL = 1e-12
 
 
-def make_module(slots, C, iters=3, dtype=torch.float64, seed=0):
-    """A module with random (not default-initialised) parameters, LayerNorm gains
-    around 1 as trained."""
-    torch.manual_seed(seed)
-    module = SlotInSlotAttention(C, slots, iters=iters, backend="cpu").to(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) / C ** 0.5
-                    + (1 if name.endswith("norm_k_inp.weight") or name.endswith("norm_v_inp.weight")
-                       or name.endswith("norm_slots.weight") or name.endswith("norm_pre_ff.weight")
-                       else 0))
-    return module
-
-
 def op_args(module, k, v):
+    """The op's arguments for ``module`` (parameters detached) and inputs k, v."""
     args = slot_in_slot_inference.level_args(module.levels)
     return (k, v, *[a.detach() if isinstance(a, torch.Tensor) else
                     [t.detach() if isinstance(t, torch.Tensor) else t for t in a] for a in args],
             module.iters, 1e-8)
-
-
-def inputs(B, N, C, dtype=torch.float64, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, N, C, generator=gen, dtype=dtype),
-            torch.randn(B, N, C, generator=gen, dtype=dtype))
-
-
-def flat(out):
-    return [out[0], out[1], *out[2]]
 
 
 @requires_kernels
@@ -66,8 +41,8 @@ def flat(out):
     ((1, 16, 2), 1, 1, 16, 3),
 ])
 def test_matches_the_fused_path_with_autograd(slots, B, N, C, iters):
-    module = make_module(slots, C, iters)
-    k, v = inputs(B, N, C)
+    _, module = make_pair(C, slots, iters)
+    k, v = make_inputs(B, N, C)
     with torch.no_grad():
         actual = flat(OP(*op_args(module, k, v)))
     # With autograd on, the module drives the same ops from Python: the passes
@@ -82,8 +57,8 @@ def test_matches_the_fused_path_with_autograd(slots, B, N, C, iters):
 
 @requires_kernels
 def test_the_module_uses_it_under_inference():
-    module = make_module((3, 7), 32).float()
-    k, v = inputs(2, 300, 32, dtype=torch.float32)
+    module = make_pair(32, (3, 7))[1].float()
+    k, v = make_inputs(2, 300, 32, dtype=torch.float32)
     with torch.inference_mode():
         expected = flat(OP(*op_args(module, k, v)))
         actual = flat(module(k, v))
@@ -93,15 +68,15 @@ def test_the_module_uses_it_under_inference():
 @requires_kernels
 @pytest.mark.parametrize("slots", [(4,), (3, 7), (3, 7, 10)], ids=["level1", "level2", "level3"])
 def test_opcheck(slots):
-    module = make_module(slots, 16, iters=2)
-    k, v = inputs(2, 41, 16)
+    _, module = make_pair(16, slots, iters=2)
+    k, v = make_inputs(2, 41, 16)
     torch.library.opcheck(OP, op_args(module, k, v))
 
 
 @requires_kernels
 def test_bitwise_repeatable_and_thread_count_independent(restore_threads):
-    module = make_module((3, 7, 10), 32).float()
-    k, v = inputs(2, 3000, 32, dtype=torch.float32, seed=3)
+    module = make_pair(32, (3, 7, 10))[1].float()
+    k, v = make_inputs(2, 3000, 32, dtype=torch.float32, seed=3)
     results = []
     for threads in (2, 1, 2):
         torch.set_num_threads(threads)
@@ -113,8 +88,8 @@ def test_bitwise_repeatable_and_thread_count_independent(restore_threads):
 
 @requires_kernels
 def test_errors_name_the_problem():
-    module = make_module((3, 7), 16)
-    k, v = inputs(1, 10, 16)
+    _, module = make_pair(16, (3, 7))
+    k, v = make_inputs(1, 10, 16)
     args = list(op_args(module, k, v))
     bad = lambda index, value: args[:index] + [value] + args[index + 1:]
     with pytest.raises(RuntimeError, match=r"norm_k_weight must be \[L, C\]"):

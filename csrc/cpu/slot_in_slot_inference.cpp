@@ -54,6 +54,17 @@ constexpr int64_t kNormSlotsWeight = 10, kToQWeight = 12;  // their places among
 // A mixture, sum_i masks[b,i,n] * table[tb,i,:]: masks [B,K,N], table [B or 1,K,C].
 using Factor = std::pair<at::Tensor, at::Tensor>;
 
+// A factor list as the kernels take it: (masks, tables).
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> split(
+    const std::vector<Factor>& factors) {
+  std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> lists;
+  for (const auto& [m, t] : factors) {
+    lists.first.push_back(m);
+    lists.second.push_back(t);
+  }
+  return lists;
+}
+
 // What an ancestor multiplies into the tokens it hands down: its running
 // modulation (undefined for none) and factors.
 struct Stage {
@@ -91,10 +102,8 @@ class Forward {
   std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> run() {
     const std::vector<Factor> no_ancestors;
     LevelOutputs top = level(0, {}, std::nullopt, nullptr, &no_ancestors);
-    // The leaf's a lands in the top's a when the levels below the top are even.
-    const bool leaf_in_a = (levels_.size() - 1) % 2 == 0;
-    at::Tensor a = leaf_in_a && leaf_output_.defined() ? leaf_output_ : fuse(top.a);
-    at::Tensor b = !leaf_in_a && leaf_output_.defined() ? leaf_output_ : fuse(top.b);
+    at::Tensor a = leaf_a_in_a(0) && leaf_output_.defined() ? leaf_output_ : fuse(top.a);
+    at::Tensor b = !leaf_a_in_a(0) && leaf_output_.defined() ? leaf_output_ : fuse(top.b);
     return {a, b, std::move(top.masks)};
   }
 
@@ -107,12 +116,15 @@ class Forward {
   }
 
   at::Tensor fuse(const std::vector<Factor>& factors) const {
-    std::vector<at::Tensor> masks, tables;
-    for (const auto& [m, t] : factors) {
-      masks.push_back(m);
-      tables.push_back(t);
-    }
+    const auto [masks, tables] = split(factors);
     return mask_fusion_cpu(masks, tables, std::nullopt);
+  }
+
+  // Whether the leaf's a (its own attn and prompts) lands in the a of the level at
+  // `depth` (else in its b): a parent crosses its child's pair over, so it does
+  // when the levels below `depth` are even in number.
+  bool leaf_a_in_a(int64_t depth) const {
+    return (static_cast<int64_t>(levels_.size()) - 1 - depth) % 2 == 0;
   }
 
   // The level at `depth`, given its ancestors' stages and the statistics of their
@@ -173,11 +185,7 @@ class Forward {
         // The top level's own stage, for its next passes.
         if (!stats.has_value()) stats = handed_stats.narrow(2, 0, depth + 1).contiguous();
       } else if (output_factors != nullptr && iteration + 1 == iters_) {
-        std::vector<at::Tensor> out_masks, out_tables;
-        for (const auto& [m, t] : *output_factors) {
-          out_masks.push_back(m);
-          out_tables.push_back(t);
-        }
+        const auto [out_masks, out_tables] = split(*output_factors);
         leaf_output_ = depth > 0 ? chain[0].base : at::empty(k_in_.sizes(), k_in_.options());
         auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_with_output_cpu(
             k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages, masks,
@@ -206,8 +214,7 @@ class Forward {
         const bool last = output_factors != nullptr && iteration + 1 == iters_;
         if (last) {
           child_output_factors = *output_factors;
-          const bool leaf_in_a = (levels_.size() - 1 - depth) % 2 == 0;
-          child_output_factors.emplace_back(att.attn, leaf_in_a ? lv.prompts : slots);
+          child_output_factors.emplace_back(att.attn, leaf_a_in_a(depth) ? lv.prompts : slots);
         }
         child = level(depth + 1, child_chain, child_stats,
                       child_queries.has_value() ? &child_first : nullptr,

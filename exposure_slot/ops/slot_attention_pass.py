@@ -69,6 +69,13 @@ from .mask_fusion import KERNEL_DTYPES, check_factors, mask_fusion_reference
 NORM_NAMES = ("norm_k_weight", "norm_k_bias", "norm_v_weight", "norm_v_bias")
 
 
+def stacked_norms(levels: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """The input LayerNorms of ``SlotLevel``s (top first) as the passes take them:
+    the four NORM_NAMES tensors, [L, C] each, row d level d's."""
+    return [torch.stack([getattr(getattr(level, norm), attr) for level in levels])
+            for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
+
+
 def _reference_chain(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                      stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
                      norm_eps):

@@ -24,18 +24,16 @@ from collections.abc import Sequence
 import torch
 
 from .checks import check_tensors
+from .slot_attention_pass import NORM_NAMES, stacked_norms
 from .slot_update import WEIGHT_NAMES, level_weights
 
-NORM_NAMES = ("norm_k_weight", "norm_k_bias", "norm_v_weight", "norm_v_bias")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def level_args(levels: Sequence[torch.nn.Module]) -> tuple:
     """The op's arguments after k_in and v_in and before iters and attn_eps, from a
     ``SlotInSlotAttention``'s ``SlotLevel``s (top first)."""
-    norms = [torch.stack([getattr(getattr(level, norm), attr) for level in levels])
-             for norm in ("norm_k_inp", "norm_v_inp") for attr in ("weight", "bias")]
-    return (*norms, [level.slots_mu for level in levels], [level.prompts for level in levels],
+    return (*stacked_norms(levels), [level.slots_mu for level in levels], [level.prompts for level in levels],
             [w for level in levels for w in level_weights(level)],
             [level.scale for level in levels], [level.norm_k_inp.eps for level in levels],
             [level.norm_slots.eps for level in levels])
