@@ -38,7 +38,9 @@ def op_args(module, k, v):
     ((5,), 2, 37, 16, 3),
     ((3, 7), 1, 1000, 64, 3),
     ((3, 7, 10), 3, 263, 32, 2),
+    ((3, 7, 10), 1, 77, 16, 1),  # one iteration: every level's only pass is its first
     ((1, 16, 2), 1, 1, 16, 3),
+    ((3, 4, 5, 6), 2, 129, 16, 3),  # four levels: two hand-downs above the leaf's parent
 ])
 def test_matches_the_fused_path_with_autograd(slots, B, N, C, iters):
     _, module = make_pair(C, slots, iters)
@@ -66,7 +68,8 @@ def test_the_module_uses_it_under_inference():
 
 
 @requires_kernels
-@pytest.mark.parametrize("slots", [(4,), (3, 7), (3, 7, 10)], ids=["level1", "level2", "level3"])
+@pytest.mark.parametrize("slots", [(4,), (3, 7), (3, 7, 10), (2, 3, 4, 5)],
+                         ids=["level1", "level2", "level3", "level4"])
 def test_opcheck(slots):
     _, module = make_pair(16, slots, iters=2)
     k, v = make_inputs(2, 41, 16)

@@ -71,7 +71,7 @@ constexpr int64_t round_up(int64_t n, int64_t multiple) {
 // 64-byte load or store of it spanned two cache lines (a split access costs about
 // two); on 64-byte boundaries a row of C = 128 floats is eight whole lines. That
 // alone made the Winograd convolutions 2-14% and a slot-attention pass ~5% faster
-// (benchmarks/README.md, tenth session).
+// (benchmarks/HISTORY.md, tenth session).
 constexpr std::size_t kCacheLine = 64;
 
 template <typename T>
