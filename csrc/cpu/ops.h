@@ -1,7 +1,7 @@
 // The CPU kernels' entry points, for CPU code that calls them directly: the
 // slot-in-slot inference op (slot_in_slot_inference.cpp) runs a whole forward
-// through them without going back to Python or the dispatcher. Each is also its
-// op's CPU kernel; csrc/exposure_slot.cpp has the schemas and what they compute.
+// through them without going back to Python or the dispatcher. Each op's CPU kernel
+// calls its entry point; csrc/exposure_slot.cpp has the schemas and what they compute.
 
 #pragma once
 
@@ -15,43 +15,47 @@ namespace exposure_slot::cpu {
 at::Tensor mask_fusion_cpu(at::TensorList masks, at::TensorList tables,
                            const std::optional<at::Tensor>& base);
 
+// A pass's arguments, as slot_attention_pass's schema lists them (csrc/exposure_slot.cpp),
+// by reference: they must outlive the call that takes them.
+struct PassArgs {
+  const at::Tensor& k_in;
+  const at::Tensor& v_in;
+  const at::Tensor& norm_k_weight;
+  const at::Tensor& norm_k_bias;
+  const at::Tensor& norm_v_weight;
+  const at::Tensor& norm_v_bias;
+  at::TensorList stage_bases;
+  at::IntArrayRef base_stages;
+  at::TensorList factor_masks;
+  at::TensorList factor_tables;
+  at::IntArrayRef factor_stages;
+  const at::Tensor& queries;
+  const std::optional<at::Tensor>& stats;
+  double norm_eps;
+  double attn_eps;
+};
+
 // (attn, attn_sum, attn_v, stats)
 using PassOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-PassOutputs slot_attention_pass_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps);
+PassOutputs slot_attention_pass_cpu(const PassArgs& args);
 
 // slot_attention_pass_cpu that also writes out = prod_j mix(out_masks[j],
 // out_tables[j]) * mix(attn, own_table) per token, once the token's attention is
 // known: an output fusion in the same sweep. `out` [B,N,C] may be one of the
 // stage bases (a token's row is read before it is written). Not an op: for
 // slot_in_slot_inference's last leaf pass.
-PassOutputs slot_attention_pass_with_output_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps, at::TensorList out_masks, at::TensorList out_tables,
-    const at::Tensor& own_table, at::Tensor& out);
+PassOutputs slot_attention_pass_with_output_cpu(const PassArgs& args, at::TensorList out_masks,
+                                                at::TensorList out_tables,
+                                                const at::Tensor& own_table, at::Tensor& out);
 
 // (attn, attn_sum, attn_v, stats, child_attn, child_attn_sum, child_attn_v)
 using HandDownOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-HandDownOutputs slot_attention_pass_hand_down_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down,
-    const std::optional<at::Tensor>& child_queries);
+HandDownOutputs slot_attention_pass_hand_down_cpu(const PassArgs& args, const at::Tensor& prompts,
+                                                  at::Tensor& hand_down,
+                                                  const std::optional<at::Tensor>& child_queries);
 
 // (new slots, next queries)
 std::tuple<at::Tensor, at::Tensor> slot_update_cpu(

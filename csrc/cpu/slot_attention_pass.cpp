@@ -861,14 +861,11 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
 // contiguous copies alive. The norms have `child_stages` rows past the pass's
 // stages (a hand-down's: its child's first).
 template <typename T>
-Pass<T> make_pass(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
-                  const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
-                  const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias,
-                  at::TensorList stage_bases, at::IntArrayRef base_stages,
-                  at::TensorList factor_masks, at::TensorList factor_tables,
-                  at::IntArrayRef factor_stages, const at::Tensor& queries,
-                  const std::optional<at::Tensor>& stats, double norm_eps, double attn_eps,
-                  int64_t child_stages, std::vector<at::Tensor>& storage) {
+Pass<T> make_pass(const char* op, const PassArgs& args, int64_t child_stages,
+                  std::vector<at::Tensor>& storage) {
+  const auto& [k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+               base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
+               norm_eps, attn_eps] = args;
   const at::ScalarType dtype = k_in.scalar_type();
   TORCH_CHECK(k_in.dim() == 3, op, ": k_in must be [B, N, C], got shape ", k_in.sizes());
   Pass<T> p;
@@ -978,23 +975,14 @@ struct FusedOutputArgs {
 // The forward of both ops: with `hd`, the hand-down's, whose last three outputs are
 // its child's first pass (K_c = 0 slots without child_queries); with `fused`, a
 // pass that also writes an output fusion.
-HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor& v_in,
-                        const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
-                        const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias,
-                        at::TensorList stage_bases, at::IntArrayRef base_stages,
-                        at::TensorList factor_masks, at::TensorList factor_tables,
-                        at::IntArrayRef factor_stages, const at::Tensor& queries,
-                        const std::optional<at::Tensor>& stats, double norm_eps,
-                        double attn_eps, const HandDownArgs* hd,
+HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs* hd,
                         const FusedOutputArgs* fused = nullptr) {
+  const at::Tensor& k_in = args.k_in;
   at::Tensor attn, attn_sum, attn_v, stats_out, child_attn, child_attn_sum, child_attn_v;
   check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
   AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_cpu", [&] {
     std::vector<at::Tensor> storage;
-    Pass<scalar_t> p = make_pass<scalar_t>(
-        op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-        attn_eps, hd != nullptr ? 1 : 0, storage);
+    Pass<scalar_t> p = make_pass<scalar_t>(op, args, hd != nullptr ? 1 : 0, storage);
     const int64_t B = p.batch, N = p.tokens, C = p.channels;
     attn = at::empty({B, p.slots, N}, k_in.options());
     if (hd != nullptr) {
@@ -1052,48 +1040,26 @@ HandDownOutputs forward(const char* op, const at::Tensor& k_in, const at::Tensor
 
 }  // namespace
 
-PassOutputs slot_attention_pass_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps) {
+PassOutputs slot_attention_pass_cpu(const PassArgs& args) {
   auto [attn, attn_sum, attn_v, stats_out, _a, _s, _v] =
-      forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
-              norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
-              queries, stats, norm_eps, attn_eps, nullptr);
+      forward("slot_attention_pass", args, nullptr);
   return {attn, attn_sum, attn_v, stats_out};
 }
 
-PassOutputs slot_attention_pass_with_output_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps, at::TensorList out_masks, at::TensorList out_tables,
-    const at::Tensor& own_table, at::Tensor& out) {
+PassOutputs slot_attention_pass_with_output_cpu(const PassArgs& args, at::TensorList out_masks,
+                                                at::TensorList out_tables,
+                                                const at::Tensor& own_table, at::Tensor& out) {
   const FusedOutputArgs fused{out_masks, out_tables, own_table, out};
   auto [attn, attn_sum, attn_v, stats_out, _a, _s, _v] =
-      forward("slot_attention_pass", k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
-              norm_v_bias, stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
-              queries, stats, norm_eps, attn_eps, nullptr, &fused);
+      forward("slot_attention_pass", args, nullptr, &fused);
   return {attn, attn_sum, attn_v, stats_out};
 }
 
-HandDownOutputs slot_attention_pass_hand_down_cpu(
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down,
-    const std::optional<at::Tensor>& child_queries) {
+HandDownOutputs slot_attention_pass_hand_down_cpu(const PassArgs& args, const at::Tensor& prompts,
+                                                  at::Tensor& hand_down,
+                                                  const std::optional<at::Tensor>& child_queries) {
   const HandDownArgs hd{prompts, hand_down, child_queries};
-  return forward("slot_attention_pass_hand_down", k_in, v_in, norm_k_weight, norm_k_bias,
-                 norm_v_weight, norm_v_bias, stage_bases, base_stages, factor_masks,
-                 factor_tables, factor_stages, queries, stats, norm_eps, attn_eps, &hd);
+  return forward("slot_attention_pass_hand_down", args, &hd);
 }
 
 namespace {
@@ -1116,9 +1082,11 @@ slot_attention_pass_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_backward_cpu", [&] {
     std::vector<at::Tensor> storage;
     const Pass<scalar_t> p = make_pass<scalar_t>(
-        op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-        base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
-        attn_eps, 0, storage);
+        op,
+        PassArgs{k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+                 base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
+                 norm_eps, attn_eps},
+        0, storage);
     const int64_t B = p.batch, K = p.slots, N = p.tokens, C = p.channels;
     check_float_cpu(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in");
     check_float_cpu(op, "grad_attn_sum", grad_attn_sum, k_in.scalar_type(), "k_in");
@@ -1162,12 +1130,40 @@ slot_attention_pass_backward_cpu(
           grad_norms[3], grad_bases, grad_masks,    grad_tables,   grad_queries};
 }
 
+// The two forward ops' kernels: their schemas' arguments, as PassArgs.
+PassOutputs slot_attention_pass_op(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps) {
+  return slot_attention_pass_cpu({k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+                                  norm_v_bias, stage_bases, base_stages, factor_masks,
+                                  factor_tables, factor_stages, queries, stats, norm_eps,
+                                  attn_eps});
+}
+
+HandDownOutputs slot_attention_pass_hand_down_op(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, const at::Tensor& prompts, at::Tensor& hand_down,
+    const std::optional<at::Tensor>& child_queries) {
+  return slot_attention_pass_hand_down_cpu(
+      {k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+       base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+       attn_eps},
+      prompts, hand_down, child_queries);
+}
+
 }  // namespace
 }  // namespace exposure_slot::cpu
 
 TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {
-  m.impl("slot_attention_pass", &exposure_slot::cpu::slot_attention_pass_cpu);
+  m.impl("slot_attention_pass", &exposure_slot::cpu::slot_attention_pass_op);
   m.impl("slot_attention_pass_backward", &exposure_slot::cpu::slot_attention_pass_backward_cpu);
-  m.impl("slot_attention_pass_hand_down",
-         &exposure_slot::cpu::slot_attention_pass_hand_down_cpu);
+  m.impl("slot_attention_pass_hand_down", &exposure_slot::cpu::slot_attention_pass_hand_down_op);
 }

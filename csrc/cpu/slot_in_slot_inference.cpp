@@ -168,6 +168,9 @@ class Forward {
       for (int64_t d = 0; d < depth; ++d) add_stage(d, chain[d].base, chain[d].factors);
       add_stage(depth, running, pending);
 
+      const PassArgs args{k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases,
+                          base_stages, masks, tables, factor_stages, queries, stats,
+                          lv.norm_eps, attn_eps_};
       std::optional<at::Tensor> child_stats;
       Attention child_first;
       if (iteration == 0 && first_pass != nullptr) {
@@ -175,10 +178,7 @@ class Forward {
       } else if (has_child) {
         if (!running.defined()) running = at::empty(k_in_.sizes(), k_in_.options());
         auto [attn, attn_sum, attn_v, handed_stats, c_attn, c_sum, c_v] =
-            slot_attention_pass_hand_down_cpu(
-                k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages,
-                masks, tables, factor_stages, queries, stats, lv.norm_eps, attn_eps_,
-                lv.prompts, running, child_queries);
+            slot_attention_pass_hand_down_cpu(args, lv.prompts, running, child_queries);
         att = {attn, attn_sum, attn_v};
         child_first = {c_attn, c_sum, c_v};
         child_stats = handed_stats;
@@ -188,15 +188,11 @@ class Forward {
         const auto [out_masks, out_tables] = split(*output_factors);
         leaf_output_ = depth > 0 ? chain[0].base : at::empty(k_in_.sizes(), k_in_.options());
         auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_with_output_cpu(
-            k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages, masks,
-            tables, factor_stages, queries, stats, lv.norm_eps, attn_eps_, out_masks,
-            out_tables, lv.prompts, leaf_output_);
+            args, out_masks, out_tables, lv.prompts, leaf_output_);
         att = {attn, attn_sum, attn_v};
         stats = pass_stats;
       } else {
-        auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_cpu(
-            k_in_, v_in_, norms[0], norms[1], norms[2], norms[3], bases, base_stages, masks,
-            tables, factor_stages, queries, stats, lv.norm_eps, attn_eps_);
+        auto [attn, attn_sum, attn_v, pass_stats] = slot_attention_pass_cpu(args);
         att = {attn, attn_sum, attn_v};
         stats = pass_stats;
       }
