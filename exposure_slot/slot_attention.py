@@ -10,24 +10,26 @@ Two implementations of the same computation:
 
 - backend "reference" runs SPEC literally in PyTorch, materialising every modulated
   k and v (the oracle of every test);
-- the fused backends never materialise a modulated or normalised k or v. Every
-  per-token quantity SPEC multiplies into k and v, and both outputs, are products
-  of "mixtures" (per-slot vectors weighted by a level's attention, [B, K, N] masks
-  and a [K, C] table). The fused path keeps them symbolic, as lists of
-  (masks, table) factors, and hands them to two ops: ``slot_attention_pass``
-  (a level's attention, with the chain of LayerNorms and modulations from the top
-  level's inputs recomputed per token) and ``mask_fusion`` (a product of mixtures,
-  for a level's running modulation and the two outputs). Under inference on "cpu"
-  the whole forward is one op, ``slot_in_slot_inference``, which runs this schedule
-  in C++ (no Python between its kernel calls) with more fusions: a level with a
-  child runs ``slot_attention_pass_hand_down``, which multiplies pf (and the
-  child's b of the previous iteration) into the running modulation in place, hands
-  the child its LayerNorm statistics and, for a leaf child, runs the child's first
-  pass on the same tokens; each slot update is one op, ``slot_update``; and the
-  leaf's last pass writes the output that holds its own mixture. Memory beyond
-  the inputs: the two [B, N, C] outputs, the [B, K, N] attention maps, and one
-  running modulation per level that has a child (a level's product of pf * b_c
-  over its iterations so far, [B, N, C]).
+- the fused backends never materialise a modulated or normalised k or v in
+  training. Every per-token quantity SPEC multiplies into k and v, and both
+  outputs, are products of "mixtures" (per-slot vectors weighted by a level's
+  attention, [B, K, N] masks and a [K, C] table). The fused path keeps them
+  symbolic, as lists of (masks, table) factors, and hands them to two ops:
+  ``slot_attention_pass`` (a level's attention, with the chain of LayerNorms and
+  modulations from the top level's inputs recomputed per token) and
+  ``mask_fusion`` (a product of mixtures, for a level's running modulation and the
+  two outputs). Under inference on "cpu" the whole forward is one op,
+  ``slot_in_slot_inference``, which runs this schedule in C++ (no Python between
+  its kernel calls) with more fusions: a level with a child hands the child its
+  input rows k * pf and v * pf (one [B, N, C] pair for the whole forward, updated
+  in place), the statistics of the child's first LayerNorm and, for a leaf child,
+  runs the child's first pass on the same tokens; the leaf's passes read those two
+  rows a token instead of recomputing its ancestors' chain, and so do its parent's
+  later ones (its k is its child's last input times the child's b); each slot
+  update is one op, ``slot_update``; and the leaf's last pass writes the output
+  that holds its own mixture, into the k rows. Memory beyond the inputs: the two
+  [B, N, C] rows (the outputs, at the end), the [B, K, N] attention maps and the
+  per-token LayerNorm statistics.
 """
 
 from __future__ import annotations

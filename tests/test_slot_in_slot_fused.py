@@ -233,8 +233,8 @@ def test_torch_compile_fullgraph_level2():
 
 @requires_kernels
 def test_torch_compile_fullgraph_inference_level3():
-    # Under inference the graph holds the in-place ops too: the hand-down passes,
-    # which write the running modulations, and the fused slot updates.
+    # Under inference the graph holds the whole forward's op, whose hand-down
+    # passes write the leaf's input rows in place.
     _, eager = make_pair(16, (3, 7, 10), iters=2, seed=15)
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True, backend="aot_eager")
     k, v = make_inputs(2, 97, 16, seed=16)
@@ -277,9 +277,9 @@ def test_peak_memory_of_the_fused_forward(backend):
     assert held[0].prompt_map.shape == (B, N, C)
     assert peak >= 2 * dense  # the two outputs are counted
     # The target: at most 3 x B*N*C*4 bytes beyond the inputs. Under inference the
-    # running modulations are updated in place, so at most two [B,N,C] tensors are
-    # live at once (the top and middle levels' modulations, later the two outputs),
-    # plus per-token tensors: the masks [B,K,N] and stats [B,N,D,4] in flight.
+    # leaf's input rows are updated in place, so at most two [B,N,C] tensors are
+    # live at once (those rows, later the two outputs, the first written into
+    # them), plus per-token tensors: the masks [B,K,N] and stats [B,N,S,4] in flight.
     assert peak <= 3 * dense, f"peak {peak / dense:.2f} x [B,N,C] beyond the inputs"
     print(f"peak extra memory {peak / dense:.2f} x B*N*C*4 bytes")
 

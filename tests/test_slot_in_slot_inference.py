@@ -7,8 +7,9 @@ Python, as under autograd), its torch.library registration, determinism and erro
 
 Tolerances, relative to the largest magnitude of the expected tensor:
 - the op vs the module's fused path with autograd on, float64: 1e-12 (the op fuses
-  the slot update into one kernel and the parent's hand-down into its pass; each
-  sums in another order; observed ~1e-15).
+  the slot update into one kernel and the parent's hand-down into its pass, and its
+  leaf reads the input rows its parent wrote rather than recomputing them; each
+  sums and rounds in another order; observed ~1e-15).
 Repeated runs, and runs on 1 or 2 threads, must agree bit for bit.
 """
 
@@ -40,7 +41,9 @@ def op_args(module, k, v):
     ((3, 7, 10), 3, 263, 32, 2),
     ((3, 7, 10), 1, 77, 16, 1),  # one iteration: every level's only pass is its first
     ((1, 16, 2), 1, 1, 16, 3),
-    ((3, 4, 5, 6), 2, 129, 16, 3),  # four levels: two hand-downs above the leaf's parent
+    # four levels: a middle level's later passes run the chain from k_in with its
+    # own and the top level's factors
+    ((3, 4, 5, 6), 2, 129, 16, 3),
 ])
 def test_matches_the_fused_path_with_autograd(slots, B, N, C, iters):
     _, module = make_pair(C, slots, iters)

@@ -110,17 +110,35 @@ const T* make_dense(const char* op, const char* name, const std::optional<at::Te
 }
 
 // f = sum_i weights[i * N] * rows[i * C + ...], one block of one token's mixture.
+// The even and the odd slots are summed apart: a block is only a few registers, so
+// one chain of dependent multiply-adds per register would wait on each one's
+// latency (four cycles) for most of a long mixture.
 template <typename T, typename Block>
 inline void mix_block(const T* weights, int64_t N, const T* __restrict__ rows, int64_t K,
                       int64_t C, Block blk, typename Block::Unit* __restrict__ f) {
   using U = typename Block::Unit;
+  constexpr int64_t S = Block::kStride;
   const T w0 = weights[0];
-  for (int64_t u = 0; u < blk.units; ++u) f[u] = w0 * load<U>(rows + u * Block::kStride);
-  for (int64_t i = 1; i < K; ++i) {
-    const T wi = weights[i * N];
-    const T* __restrict__ row = rows + i * C;
-    for (int64_t u = 0; u < blk.units; ++u) f[u] += wi * load<U>(row + u * Block::kStride);
+  for (int64_t u = 0; u < blk.units; ++u) f[u] = w0 * load<U>(rows + u * S);
+  if (K == 1) return;
+  U odd[Block::kCapacity];
+  const T w1 = weights[N];
+  for (int64_t u = 0; u < blk.units; ++u) odd[u] = w1 * load<U>(rows + C + u * S);
+  int64_t i = 2;
+  for (; i + 1 < K; i += 2) {
+    const T we = weights[i * N], wo = weights[(i + 1) * N];
+    const T* __restrict__ even_row = rows + i * C;
+    const T* __restrict__ odd_row = even_row + C;
+    for (int64_t u = 0; u < blk.units; ++u) {
+      f[u] += we * load<U>(even_row + u * S);
+      odd[u] += wo * load<U>(odd_row + u * S);
+    }
   }
+  if (i < K) {
+    const T wi = weights[i * N];
+    for (int64_t u = 0; u < blk.units; ++u) f[u] += wi * load<U>(rows + i * C + u * S);
+  }
+  for (int64_t u = 0; u < blk.units; ++u) f[u] += odd[u];
 }
 
 // mod = the block of channels from c0 of token (b, n)'s modulation `m` (at least

@@ -57,6 +57,14 @@ HandDownOutputs slot_attention_pass_hand_down_cpu(const PassArgs& args, const at
                                                   at::Tensor& hand_down,
                                                   const std::optional<at::Tensor>& child_queries);
 
+// slot_attention_pass_hand_down_cpu that hands its child the child's input rows,
+// rows_k = k * pf and rows_v = v * pf [B,N,C] (which may be k_in, v_in: a token's rows
+// are read before they are written), rather than its modulation. Not an op: for
+// slot_in_slot_inference, which keeps its leaf's input so.
+HandDownOutputs slot_attention_pass_hand_down_rows_cpu(
+    const PassArgs& args, const at::Tensor& prompts, at::Tensor& rows_k, at::Tensor& rows_v,
+    const std::optional<at::Tensor>& child_queries);
+
 // (new slots, next queries)
 std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
     const at::Tensor& slots, const at::Tensor& attn_sum, const at::Tensor& attn_v,

@@ -27,7 +27,10 @@
 // passes then read instead of computing. hand_down may be the last stage's base
 // (the level's running modulation, updated in place): a token's row is read by its
 // chain before its tile writes it. This replaces a separate product of mixtures
-// over [B,N,C] and the statistics every child's first pass computed. With the
+// over [B,N,C] and the statistics every child's first pass computed. Instead of the
+// modulation, slot_in_slot_inference's hand-downs write the child's input rows
+// themselves, rows_k = k * pf and rows_v = v * pf (which may be k_in, v_in): the
+// child's passes then read two rows a token and no chain. With the
 // child's first queries q^c (a child starts every call from its slots_mu, so they
 // are known before its parent's pass), the hand-down also runs the child's first
 // pass on the tile's tokens, from rows already in L1:
@@ -37,7 +40,9 @@
 // to rounding). That saves the child's first pass its reads of k_in, v_in and its
 // bases and its chain: a leaf child only, whose first pass has nothing to hand down.
 // The child's LayerNorm is folded into its attention rather than applied to the
-// rows (FoldedNorm, below).
+// rows (FoldedNorm, below), as is the LayerNorm of any pass of one stage without
+// modulation (the leaf's passes on the rows its parent handed down), which then
+// reads its input's rows in place.
 //
 // Backward, for gradients g_attn, g_sum, g_v of the three outputs:
 //   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
@@ -86,12 +91,15 @@
 namespace exposure_slot::cpu {
 namespace {
 
-// What a parent level's pass hands its child (slot_attention_pass_hand_down):
-// the parent's last-stage modulation times the factor pf = (the pass's attn,
-// prompts), per token.
+// What a parent level's pass hands its child, per token, with pf = (the pass's
+// attn, prompts): the parent's last-stage modulation times pf
+// (slot_attention_pass_hand_down), or the child's input rows k * pf and v * pf
+// (slot_attention_pass_hand_down_rows_cpu).
 template <typename T>
 struct HandDown {
   T* modulation = nullptr;  // [B,N,C], written (may be the last stage's base)
+  T* rows_k = nullptr;      // or [B,N,C] each, written (may be k_in, v_in)
+  T* rows_v = nullptr;
   Factor<T> pf;             // masks: the attn output (hand_down_tile reads the same A
                             // from the tile's compact [K, kTile] block)
   const T* child_queries = nullptr;  // [B,K_c,C]: the child's first pass, or null
@@ -126,9 +134,11 @@ struct Pass {
   HandDown<T> hand_down;              // slot_attention_pass_hand_down only
   FusedOutput<T> output;              // slot_attention_pass_with_output_cpu only
 
+  bool hands_down() const { return hand_down.modulation != nullptr || hand_down.rows_k != nullptr; }
+
   // Stages of the `stats` output: the pass's own, and with a hand-down its child's
   // first.
-  int64_t stats_stages() const { return depth + (hand_down.modulation != nullptr); }
+  int64_t stats_stages() const { return depth + hands_down(); }
 };
 
 // LayerNorm statistics of a token's k and v rows at one stage. Stored per token
@@ -207,7 +217,8 @@ inline NormStats<T> norm_stats(const T* __restrict__ xk, const T* __restrict__ x
 }
 
 // What a token's chain keeps besides its output rows: nothing (a pass), its last
-// stage's modulation when that has factors (a hand-down, into a row `last_mod`), or
+// stage's modulation when that has factors (a hand-down of a modulation, into a row
+// `last_mod`; a hand-down of rows passes none), or
 // everything the backward needs (h_d, the modulation rows, the factors' mixtures,
 // into the Scratch).
 enum class Kept { nothing, last_modulation, chain };
@@ -245,7 +256,7 @@ inline void chain_block(const Pass<T>& p, int64_t b, int64_t n, const NormStats<
     if (m.end > m.begin) {
       modulation_block(p.factors, m, b, n, N, C, c0, blk,
                        kChain ? s->values.data() + m.begin * C : nullptr, mod);
-      const bool keep_last = What == Kept::last_modulation && d == p.depth - 1;
+      const bool keep_last = last_mod != nullptr && d == p.depth - 1;
       for (int64_t u = 0; u < blk.units; ++u) {
         if constexpr (kChain) store(s->mod.data() + at + u * S, mod[u]);
         if (keep_last) store(last_mod + c0 + u * S, mod[u]);
@@ -381,16 +392,29 @@ struct Tile {
         last_mod(what == Kept::last_modulation ? kTile * C : 0) {}
 };
 
+// Where a tile's attention reads its tokens' k and v: the tile's own rows, or (a
+// pass whose LayerNorm is folded, below) the input's rows themselves.
+template <typename T>
+struct TileRows {
+  const T* keys;    // [kTile, C]
+  const T* values;  // [kTile, value_stride]
+  int64_t value_stride;
+
+  static TileRows own(const Tile<T>& tile) {
+    return {tile.keys.data(), tile.rows.data(), tile.channel_stride};
+  }
+};
+
 // tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
 // tile's tokens, rounded up to kTokenGroup (rows past `count` hold an earlier
 // token's k or zeros: finite, and never read back).
 template <typename T>
-inline void tile_logits(Tile<T>& tile, int64_t count, int64_t C) {
+inline void tile_logits(Tile<T>& tile, const T* keys, int64_t count, int64_t C) {
   for (int64_t i0 = 0; i0 < tile.slot_stride; i0 += kSlotGroup) {
     for (int64_t t0 = 0; t0 < count; t0 += kTokenGroup) {
       T dots[kSlotGroup][kTokenGroup];
       dot_block<kSlotGroup, kTokenGroup>(tile.queries.data() + i0 * C,
-                                         tile.keys.data() + t0 * C, C, dots);
+                                         keys + t0 * C, C, dots);
       for (int64_t g = 0; g < kSlotGroup; ++g) {
         for (int64_t r = 0; r < kTokenGroup; ++r) tile.attn[(i0 + g) * kTile + t0 + r] = dots[g][r];
       }
@@ -401,15 +425,15 @@ inline void tile_logits(Tile<T>& tile, int64_t count, int64_t C) {
 // partial[i0 + g, :] += sum over the tile's `count` tokens t of attn[i0 + g, t] *
 // rows[t, :] for G slots: G slots x two vectors of channels in registers.
 template <int G, typename T>
-inline void slot_group_weighted_sums(const Tile<T>& tile, int64_t count, int64_t i0, int64_t C,
+inline void slot_group_weighted_sums(const Tile<T>& tile, const T* __restrict__ v,
+                                     int64_t stride, int64_t count, int64_t i0, int64_t C,
                                      T* __restrict__ partial) {
   constexpr int64_t W = kBlock<T>;
   const T* __restrict__ a = tile.attn.data() + i0 * kTile;
-  const T* __restrict__ v = tile.rows.data();
   for (int64_t c0 = 0; c0 < C; c0 += W) {
     T acc[G][W] = {};
     for (int64_t t = 0; t < count; ++t) {
-      const T* v_t = v + t * tile.channel_stride + c0;
+      const T* v_t = v + t * stride + c0;
       for (int64_t g = 0; g < G; ++g) {
 #pragma omp simd
         for (int64_t w = 0; w < W; ++w) acc[g][w] += a[g * kTile + t] * v_t[w];
@@ -423,15 +447,16 @@ inline void slot_group_weighted_sums(const Tile<T>& tile, int64_t count, int64_t
   }
 }
 
-// partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :],
-// a group of up to kSlotGroup slots at a time: eight (or fewer) independent
-// accumulators, enough to hide the latency of their FMAs.
+// partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :]
+// (rows `stride` apart, readable up to C rounded up to kBlock), a group of up to
+// kSlotGroup slots at a time: eight (or fewer) independent accumulators, enough to
+// hide the latency of their FMAs.
 template <typename T>
-inline void tile_weighted_sums(const Tile<T>& tile, int64_t count, int64_t K, int64_t C,
-                               T* __restrict__ partial) {
+inline void tile_weighted_sums(const Tile<T>& tile, const T* rows, int64_t stride,
+                               int64_t count, int64_t K, int64_t C, T* __restrict__ partial) {
   static_assert(kSlotGroup == 4, "for_each_group_of_4 makes the groups");
   for_each_group_of_4(K, [&]<int G>(int64_t i0) {
-    slot_group_weighted_sums<G>(tile, count, i0, C, partial);
+    slot_group_weighted_sums<G>(tile, rows, stride, count, i0, C, partial);
   });
 }
 
@@ -485,10 +510,11 @@ struct FoldedQueries {
 // (`v_partial` [K,C], `sum_partial` [K]; with a folded norm, `v_partial` gets the
 // sums of A * r * d and `fold_partial` [K] those of A * r * mu').
 template <typename T>
-inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int64_t N,
-                        T attn_eps, T* attn_out, T* v_partial, T* sum_partial,
-                        const FoldedNorm<T>* fold = nullptr, T* fold_partial = nullptr) {
-  tile_logits(tile, count, C);
+inline void attend_tile(Tile<T>& tile, const TileRows<T>& rows, int64_t count, int64_t K,
+                        int64_t C, int64_t N, T attn_eps, T* attn_out, T* v_partial,
+                        T* sum_partial, const FoldedNorm<T>* fold = nullptr,
+                        T* fold_partial = nullptr) {
+  tile_logits(tile, rows.keys, count, C);
   if (fold != nullptr) {
     for (int64_t i = 0; i < K; ++i) {
       T* l = tile.attn.data() + i * kTile;
@@ -520,40 +546,44 @@ inline void attend_tile(Tile<T>& tile, int64_t count, int64_t K, int64_t C, int6
       fold_partial[i] += shifted;
     }
   }
-  tile_weighted_sums(tile, count, K, C, v_partial);
+  tile_weighted_sums(tile, rows.values, rows.value_stride, count, K, C, v_partial);
 }
 
 // A hand-down for the tile's tokens, once their A is known: with
 // pf = sum_i A_i * prompts_i, the child's modulation m * pf (m: the last stage's)
-// into hand_down.modulation, and into each token's `st` entry D the LayerNorm
+// into hand_down.modulation or its input rows k * pf, v * pf into hand_down.rows_k,
+// rows_v, and into each token's `st` entry D the LayerNorm
 // statistics of the child's first stage, whose inputs are k * pf and v * pf (the
 // child computes them as y * (m * pf): the same values up to rounding). With a
 // child tile, also its keys and rows: k * pf and v * pf shifted by their first
 // values, and their mu' and r in `fold`.
 template <typename T>
-inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int64_t n0,
-                           int64_t count, NormStats<T>* stats, Tile<T>* child,
-                           FoldedNorm<T>* fold) {
+inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, const T* attn,
+                           int64_t attn_stride, int64_t b, int64_t n0, int64_t count,
+                           NormStats<T>* stats, Tile<T>* child, FoldedNorm<T>* fold) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
   const T* prompts = p.hand_down.pf.rows(b, C);
   const Modulation<T>& last = p.stages[D - 1];
   for (int64_t t = 0; t < count; ++t) {
     const int64_t row = b * N + n0 + t;
-    // A_i at weights[i * kTile]: the tile's copy of pf's masks, whose K values of a
-    // token lie in one or two cache lines rather than K lines N apart (~0.1 ms a
-    // pass on one thread at N = 16384).
-    const T* weights = tile.attn.data() + t;
+    // A_i at weights[i * attn_stride]: the tile's copy of pf's masks, whose K values
+    // of a token lie in one or two cache lines rather than K lines N apart (~0.1 ms
+    // a pass on one thread at N = 16384), or after a folded attention, which scaled
+    // the tile's, the attn output.
+    const T* weights = attn + t;
     const T* mod = last.end > last.begin ? tile.last_mod.data() + t * C
                    : last.base != nullptr ? last.base + row * C
                                           : nullptr;
     const T* k = tile.keys.data() + t * C;
     const T* v = tile.rows.data() + t * tile.channel_stride;
-    T* out = p.hand_down.modulation + row * C;
+    T* out = p.hand_down.modulation != nullptr ? p.hand_down.modulation + row * C : nullptr;
+    T* out_k = p.hand_down.rows_k != nullptr ? p.hand_down.rows_k + row * C : nullptr;
+    T* out_v = p.hand_down.rows_v != nullptr ? p.hand_down.rows_v + row * C : nullptr;
     T* child_k = child != nullptr ? child->keys.data() + t * C : nullptr;
     T* child_v = child != nullptr ? child->rows.data() + t * child->channel_stride : nullptr;
     // Sums shifted by each row's first value, as norm_stats takes them.
     T pf0 = 0;
-    for (int64_t i = 0; i < K; ++i) pf0 += weights[i * kTile] * prompts[i * C];
+    for (int64_t i = 0; i < K; ++i) pf0 += weights[i * attn_stride] * prompts[i * C];
     const T shift_k = k[0] * pf0, shift_v = v[0] * pf0;
     Vec<T> acc[4] = {};
     for_each_block<T>(C, [&](int64_t c0, auto blk) {
@@ -561,11 +591,17 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
       using U = typename Block::Unit;
       constexpr int64_t S = Block::kStride;
       U pf[Block::kCapacity];
-      mix_block(weights, kTile, prompts + c0, K, C, blk, pf);
+      mix_block(weights, attn_stride, prompts + c0, K, C, blk, pf);
       for (int64_t u = 0; u < blk.units; ++u) {
         const int64_t c = c0 + u * S;
-        store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
-        const U dk = load<U>(k + c) * pf[u] - shift_k, dv = load<U>(v + c) * pf[u] - shift_v;
+        const U kp = load<U>(k + c) * pf[u], vp = load<U>(v + c) * pf[u];
+        if (out != nullptr) {
+          store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
+        } else {
+          store(out_k + c, kp);
+          store(out_v + c, vp);
+        }
+        const U dk = kp - shift_k, dv = vp - shift_v;
         if (child != nullptr) {
           store(child_k + c, dk);
           store(child_v + c, dv);
@@ -589,6 +625,74 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, int64_t b, int
   }
 }
 
+// A folded hand-down's tile after its attention: its k and v rows, LayerNorm of
+// the input rows `rows` with the statistics in `fold` (unshifted: folded_tile's),
+// into the tile's keys and rows for the hand-down (as its chain would have written
+// them).
+template <typename T>
+inline void normalise_tile(const Pass<T>& p, const TileRows<T>& rows, int64_t count,
+                           const FoldedNorm<T>& fold, Tile<T>& tile) {
+  const int64_t C = p.channels;
+  for (int64_t t = 0; t < count; ++t) {
+    const T* x_k = rows.keys + t * C;
+    const T* x_v = rows.values + t * rows.value_stride;
+    T* k = tile.keys.data() + t * C;
+    T* v = tile.rows.data() + t * tile.channel_stride;
+    const T mk = fold.mean_k[t], rk = fold.rstd_k[t], mv = fold.mean_v[t], rv = fold.rstd_v[t];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = (x_k[c] - mk) * rk * p.norm_k_weight[c] + p.norm_k_bias[c];
+      v[c] = (x_v[c] - mv) * rv * p.norm_v_weight[c] + p.norm_v_bias[c];
+    }
+  }
+}
+
+// A folded pass's tile (forward_kernel): each token's statistics (known, or from
+// its rows: the same values either way) into `fold` and into the `stats` output (its
+// one stage), and where its attention reads the rows: the input's own, or copies in the
+// tile where reading in place would run past the chunk (a tile short of kTile
+// tokens) or past a row (C not a whole number of blocks).
+template <typename T>
+TileRows<T> folded_tile(const Pass<T>& p, int64_t b, int64_t n0, int64_t count, Tile<T>& tile,
+                        NormStats<T>* stats, FoldedNorm<T>& fold) {
+  const int64_t C = p.channels, row0 = b * p.tokens + n0;
+  const T* k = p.k_in + row0 * C;
+  const T* v = p.v_in + row0 * C;
+  for (int64_t t = 0; t < count; ++t) {
+    const T* known = p.known_stages == 1 ? p.known_stats + (row0 + t) * 4 : nullptr;
+    const NormStats<T> st = known != nullptr
+                                ? NormStats<T>{known[0], known[1], known[2], known[3]}
+                                : norm_stats(k + t * C, v + t * C, C, p.norm_eps);
+    stats[(n0 + t) * p.stats_stages()] = st;
+    fold.mean_k[t] = st.mean_k;
+    fold.rstd_k[t] = st.rstd_k;
+    fold.mean_v[t] = st.mean_v;
+    fold.rstd_v[t] = st.rstd_v;
+  }
+  if (count == kTile && C % kBlock<T> == 0) return {k, v, C};
+  for (int64_t t = 0; t < count; ++t) {
+    std::copy_n(k + t * C, C, tile.keys.data() + t * C);
+    std::copy_n(v + t * C, C, tile.rows.data() + t * tile.channel_stride);
+  }
+  return TileRows<T>::own(tile);
+}
+
+// A folded attention's attn_v from its chunks' sums: w_v * (sum A r v - sum A r mu)
+// + b_v * sum A (FoldedNorm), for K slots of every batch item; `offset`: where a
+// chunk's partial holds the sums of A r mu.
+template <typename T>
+void finish_folded_sums(const Partials<T>& partials, const Chunking& chunks, int64_t offset,
+                        int64_t K, int64_t C, const T* weight_v, const T* bias_v,
+                        const T* attn_sum, T* attn_v) {
+  const int64_t rows = chunks.count / chunks.per_item * K;
+  std::vector<T> shifted(rows);
+  partials.reduce(chunks, offset, K, true, shifted.data(), false);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = attn_v + r * C;
+    for (int64_t c = 0; c < C; ++c) row[c] = weight_v[c] * (row[c] - shifted[r]) + bias_v[c] * attn_sum[r];
+  }
+}
+
 // The pass's outputs, and with a hand-down that runs its child's first pass
 // (child_queries), the child's attn, attn_sum and attn_v.
 template <typename T>
@@ -604,14 +708,23 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   const bool child_pass = What == Kept::last_modulation && p.hand_down.child_queries != nullptr;
   const int64_t stats_stages = p.stats_stages();
   const Chunking chunks(p.batch, N);
-  // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K]; the
-  // child's likewise, then its folded norm's sums of A * r * mu' [K_c].
-  Partials<T> partials(chunks.count, K + K * C);
+  // A pass of one stage without modulation (a leaf's passes on its parent's rows in
+  // slot_in_slot_inference, a top level's first) folds its LayerNorm into its
+  // attention, which reads the input's rows in place: no chain, and no copy of the
+  // rows. Its means are not shifted (FoldedNorm): the rows are used as they are. A
+  // hand-down does so too (its own outputs are the plain pass's, bit for bit), then
+  // normalises the rows it hands down.
+  const bool folded = What != Kept::chain && p.depth == 1 && p.stages[0].empty();
+  // A chunk's partial: attn_v [K,C] (on a cache line) then attn_sum [K] (and a
+  // folded pass's sums of A * r * mu [K]); the child's likewise, then its folded
+  // norm's sums of A * r * mu' [K_c].
+  Partials<T> partials(chunks.count, K + K * C + (folded ? K : 0));
   Partials<T> child_partials(child_pass ? chunks.count : 0, Kc * C + 2 * Kc);
   const int64_t D = p.depth;
   const T* child_norm[4] = {p.norm_k_weight + D * C, p.norm_k_bias + D * C,
                             p.norm_v_weight + D * C, p.norm_v_bias + D * C};
-  std::optional<FoldedQueries<T>> child_queries;
+  std::optional<FoldedQueries<T>> own_queries, child_queries;
+  if (folded) own_queries.emplace(p.queries, p.batch * K, C, p.norm_k_weight, p.norm_k_bias);
   if (child_pass) {
     child_queries.emplace(p.hand_down.child_queries, p.batch * Kc, C, child_norm[0],
                           child_norm[1]);
@@ -621,16 +734,23 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   {
     Tile<T> tile(K, C, What);
     std::optional<Tile<T>> child;
-    std::optional<FoldedNorm<T>> fold;
+    std::optional<FoldedNorm<T>> fold, own_fold;
     if (child_pass) {
       child.emplace(Kc, C, Kept::nothing);
       fold.emplace();
     }
+    if (folded) own_fold.emplace();
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
       NormStats<T>* item_stats = reinterpret_cast<NormStats<T>*>(out.stats) + b * N * stats_stages;
-      std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
+      if (folded) {
+        std::copy_n(own_queries->queries.data() + b * K * C, K * C, tile.queries.data());
+        own_fold->weight_sums = own_queries->weight_sums.data() + b * K;
+        own_fold->bias_dots = own_queries->bias_dots.data() + b * K;
+      } else {
+        std::copy_n(p.queries + b * K * C, K * C, tile.queries.data());
+      }
       if (child) {
         std::copy_n(child_queries->queries.data() + b * Kc * C, Kc * C, child->queries.data());
         fold->weight_sums = child_queries->weight_sums.data() + b * Kc;
@@ -640,20 +760,32 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
       const int64_t chunk_end = chunks.end(chunk, N);
       for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
         const int64_t count = std::min(kTile, chunk_end - n0);
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t n = n0 + t;
-          T* last_mod = What == Kept::last_modulation ? tile.last_mod.data() + t * C : nullptr;
-          run_chain<What, T>(p, b, n, nullptr, item_stats + n * stats_stages, last_mod,
-                          tile.keys.data() + t * C, tile.rows.data() + t * tile.channel_stride);
+        TileRows<T> rows = TileRows<T>::own(tile);
+        if (folded) {
+          rows = folded_tile(p, b, n0, count, tile, item_stats, *own_fold);
+        } else {
+          for (int64_t t = 0; t < count; ++t) {
+            const int64_t n = n0 + t;
+            T* last_mod = What == Kept::last_modulation && p.hand_down.modulation != nullptr
+                              ? tile.last_mod.data() + t * C
+                              : nullptr;
+            run_chain<What, T>(p, b, n, nullptr, item_stats + n * stats_stages, last_mod,
+                               tile.keys.data() + t * C,
+                               tile.rows.data() + t * tile.channel_stride);
+          }
         }
-        attend_tile(tile, count, K, C, N, p.attn_eps, out.attn + b * K * N + n0, v_partial,
-                    v_partial + K * C);
+        attend_tile(tile, rows, count, K, C, N, p.attn_eps, out.attn + b * K * N + n0, v_partial,
+                    v_partial + K * C, folded ? &*own_fold : nullptr,
+                    folded ? v_partial + K * C + K : nullptr);
         if constexpr (What == Kept::last_modulation) {
-          hand_down_tile(p, tile, b, n0, count, item_stats, child ? &*child : nullptr,
-                         fold ? &*fold : nullptr);
+          if (folded) normalise_tile(p, rows, count, *own_fold, tile);
+          const T* attn = folded ? out.attn + b * K * N + n0 : tile.attn.data();
+          hand_down_tile(p, tile, attn, folded ? N : kTile, b, n0, count, item_stats,
+                         child ? &*child : nullptr, fold ? &*fold : nullptr);
           if (child) {
             T* child_partial = child_partials.chunk(chunk);
-            attend_tile(*child, count, Kc, C, N, p.attn_eps, out.child_attn + b * Kc * N + n0,
+            attend_tile(*child, TileRows<T>::own(*child), count, Kc, C, N, p.attn_eps,
+                        out.child_attn + b * Kc * N + n0,
                         child_partial, child_partial + Kc * C, &*fold,
                         child_partial + Kc * C + Kc);
           }
@@ -670,18 +802,15 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
   }
   partials.reduce(chunks, 0, K * C, true, out.attn_v, parallel);
   partials.reduce(chunks, K * C, K, true, out.attn_sum, parallel);
+  if (folded) {
+    finish_folded_sums(partials, chunks, K * C + K, K, C, p.norm_v_weight,
+                       p.norm_v_bias, out.attn_sum, out.attn_v);
+  }
   if (child_pass) {
     child_partials.reduce(chunks, 0, Kc * C, true, out.child_attn_v, parallel);
     child_partials.reduce(chunks, Kc * C, Kc, true, out.child_attn_sum, parallel);
-    std::vector<T> shifted(p.batch * Kc);
-    child_partials.reduce(chunks, Kc * C + Kc, Kc, true, shifted.data(), false);
-    for (int64_t r = 0; r < p.batch * Kc; ++r) {  // attn_v = w (sum A r d - sum A r mu') + b sum A
-      T* row = out.child_attn_v + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        row[c] = child_norm[2][c] * (row[c] - shifted[r]) +
-                 child_norm[3][c] * out.child_attn_sum[r];
-      }
-    }
+    finish_folded_sums(child_partials, chunks, Kc * C + Kc, Kc, C, child_norm[2],
+                       child_norm[3], out.child_attn_sum, out.child_attn_v);
   }
 }
 
@@ -844,7 +973,7 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
             affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
           }
         }
-        tile_weighted_sums(tile, count, K, C, gq_partial);
+        tile_weighted_sums(tile, tile.rows.data(), tile.channel_stride, count, K, C, gq_partial);
       }
     }
   }
@@ -959,10 +1088,13 @@ Pass<T> make_pass(const char* op, const PassArgs& args, int64_t child_stages,
 }
 
 // What a hand-down takes besides a pass's arguments.
+// With hand_down_v, hand_down and it get the child's input rows rather than its
+// modulation.
 struct HandDownArgs {
   const at::Tensor& prompts;
   at::Tensor& hand_down;
   const std::optional<at::Tensor>& child_queries;
+  at::Tensor* hand_down_v = nullptr;
 };
 
 // What a pass with an output fusion takes besides a pass's arguments.
@@ -986,11 +1118,19 @@ HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs
     const int64_t B = p.batch, N = p.tokens, C = p.channels;
     attn = at::empty({B, p.slots, N}, k_in.options());
     if (hd != nullptr) {
-      check_float_cpu(op, "hand_down", hd->hand_down, k_in.scalar_type(), "k_in");
-      check_shape(op, "hand_down", hd->hand_down, k_in.sizes(), "[B, N, C] like k_in");
-      TORCH_CHECK(hd->hand_down.is_contiguous(), op,
-                  ": hand_down must be contiguous to be written in place");
-      p.hand_down.modulation = hd->hand_down.mutable_data_ptr<scalar_t>();
+      for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"hand_down", &hd->hand_down},
+                                    {"hand_down_v", hd->hand_down_v}}) {
+        if (t == nullptr) continue;
+        check_float_cpu(op, name, *t, k_in.scalar_type(), "k_in");
+        check_shape(op, name, *t, k_in.sizes(), "[B, N, C] like k_in");
+        TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous to be written in place");
+      }
+      if (hd->hand_down_v != nullptr) {
+        p.hand_down.rows_k = hd->hand_down.mutable_data_ptr<scalar_t>();
+        p.hand_down.rows_v = hd->hand_down_v->mutable_data_ptr<scalar_t>();
+      } else {
+        p.hand_down.modulation = hd->hand_down.mutable_data_ptr<scalar_t>();
+      }
       p.hand_down.pf = make_factor<scalar_t>(op, attn, "attn", hd->prompts, "prompts", B, N, C,
                                              k_in.scalar_type(), storage);
       if (hd->child_queries.has_value()) {
@@ -1059,6 +1199,13 @@ HandDownOutputs slot_attention_pass_hand_down_cpu(const PassArgs& args, const at
                                                   at::Tensor& hand_down,
                                                   const std::optional<at::Tensor>& child_queries) {
   const HandDownArgs hd{prompts, hand_down, child_queries};
+  return forward("slot_attention_pass_hand_down", args, &hd);
+}
+
+HandDownOutputs slot_attention_pass_hand_down_rows_cpu(
+    const PassArgs& args, const at::Tensor& prompts, at::Tensor& rows_k, at::Tensor& rows_v,
+    const std::optional<at::Tensor>& child_queries) {
+  const HandDownArgs hd{prompts, rows_k, child_queries, &rows_v};
   return forward("slot_attention_pass_hand_down", args, &hd);
 }
 
