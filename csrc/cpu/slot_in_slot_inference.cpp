@@ -33,9 +33,9 @@
 // Why rows rather than running modulations: a leaf pass's chain from k_in read
 // four rows a token (k_in, v_in and one modulation per ancestor) and ran every
 // ancestor's LayerNorm; from its parent's rows it reads two and runs none. The
-// level-3 forward went 49.3 -> 41.6 ms (benchmarks/README.md, seventeenth session),
-// in the same memory: the rows take the two [B,N,C] tensors the two running
-// modulations took (one more than the one at level 2).
+// level-3 forward went ~49 -> ~41 ms (benchmarks/HISTORY.md, seventeenth session)
+// in the same memory: the rows take the two [B,N,C] tensors that level 3's two
+// running modulations took (level 2 had one).
 //
 // Why one op: a level-2 forward is 23 kernel calls and a level-3 forward 71.
 // Driven from Python, the interpreter's own work between the calls (building each
