@@ -134,7 +134,9 @@ struct Pass {
   HandDown<T> hand_down;              // slot_attention_pass_hand_down only
   FusedOutput<T> output;              // slot_attention_pass_with_output_cpu only
 
-  bool hands_down() const { return hand_down.modulation != nullptr || hand_down.rows_k != nullptr; }
+  bool hands_down() const {
+    return hand_down.modulation != nullptr || hand_down.rows_k != nullptr;
+  }
 
   // Stages of the `stats` output: the pass's own, and with a hand-down its child's
   // first.
@@ -689,7 +691,9 @@ void finish_folded_sums(const Partials<T>& partials, const Chunking& chunks, int
   partials.reduce(chunks, offset, K, true, shifted.data(), false);
   for (int64_t r = 0; r < rows; ++r) {
     T* row = attn_v + r * C;
-    for (int64_t c = 0; c < C; ++c) row[c] = weight_v[c] * (row[c] - shifted[r]) + bias_v[c] * attn_sum[r];
+    for (int64_t c = 0; c < C; ++c) {
+      row[c] = weight_v[c] * (row[c] - shifted[r]) + bias_v[c] * attn_sum[r];
+    }
   }
 }
 
@@ -1118,12 +1122,14 @@ HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs
     const int64_t B = p.batch, N = p.tokens, C = p.channels;
     attn = at::empty({B, p.slots, N}, k_in.options());
     if (hd != nullptr) {
-      for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"hand_down", &hd->hand_down},
-                                    {"hand_down_v", hd->hand_down_v}}) {
+      using Named = std::pair<const char*, const at::Tensor*>;
+      for (const auto& [name, t] :
+           {Named{"hand_down", &hd->hand_down}, Named{"hand_down_v", hd->hand_down_v}}) {
         if (t == nullptr) continue;
         check_float_cpu(op, name, *t, k_in.scalar_type(), "k_in");
         check_shape(op, name, *t, k_in.sizes(), "[B, N, C] like k_in");
-        TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous to be written in place");
+        TORCH_CHECK(t->is_contiguous(), op, ": ", name,
+                    " must be contiguous to be written in place");
       }
       if (hd->hand_down_v != nullptr) {
         p.hand_down.rows_k = hd->hand_down.mutable_data_ptr<scalar_t>();

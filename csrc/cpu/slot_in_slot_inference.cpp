@@ -232,6 +232,7 @@ class Forward {
         att = {attn, attn_sum, attn_v};
         child_first = {c_attn, c_sum, c_v};
         child_stats = handed_stats.narrow(2, D, 1).contiguous();
+        // The top level's own stage, for its next passes.
         if (!stats.has_value()) stats = handed_stats.narrow(2, 0, D).contiguous();
       } else if (output_factors != nullptr && iteration + 1 == iters_) {
         const auto [out_masks, out_tables] = split(*output_factors);
@@ -249,6 +250,9 @@ class Forward {
           slots, att.sum, att.weighted, w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8],
           w[9], w[10], w[11], w[12], w[13], lv.scale, lv.update_eps);
       if (has_child) {
+        // In the last iteration this level's attention and slots are final: its
+        // factor of the leaf's output is (attn, prompts) if the leaf's a reaches
+        // this level's a, (attn, slots) if its b.
         std::vector<Factor> child_output_factors;
         const bool last = output_factors != nullptr && iteration + 1 == iters_;
         if (last) {
@@ -262,7 +266,7 @@ class Forward {
                       leaf_parent ? &child_first : nullptr,
                       last ? &child_output_factors : nullptr);
         if (leaf_parent) {
-          pending = child.b;
+          pending = child.b;  // its rows hold all the earlier factors
         } else {
           pending.emplace_back(att.attn, lv.prompts);
           pending.insert(pending.end(), child.b.begin(), child.b.end());
