@@ -42,8 +42,8 @@ PassOutputs slot_attention_pass_cpu(const PassArgs& args);
 
 // slot_attention_pass_cpu that also writes out = prod_j mix(out_masks[j],
 // out_tables[j]) * mix(attn, own_table) per token, once the token's attention is
-// known: an output fusion in the same sweep. `out` [B,N,C] may be one of the
-// stage bases (a token's row is read before it is written). Not an op: for
+// known: an output fusion in the same sweep. `out` [B,N,C] may be k_in or one of
+// the stage bases (a token's row is read before it is written). Not an op: for
 // slot_in_slot_inference's last leaf pass.
 PassOutputs slot_attention_pass_with_output_cpu(const PassArgs& args, at::TensorList out_masks,
                                                 at::TensorList out_tables,

@@ -109,7 +109,7 @@ struct HandDown {
 // An output fusion run in the pass: out = the product of `factors`' mixtures, the
 // last of which is the pass's own (attn, table), per token once its attention is
 // known (slot_in_slot_inference's last leaf pass writes one of the module's outputs
-// so, into a running modulation whose row the token's chain has just read).
+// so, into the k rows the token's attention has just read).
 template <typename T>
 struct FusedOutput {
   std::vector<Factor<T>> factors;
@@ -627,25 +627,23 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, const T* attn,
   }
 }
 
-// A folded hand-down's tile after its attention: its k and v rows, LayerNorm of
-// the input rows `rows` with the statistics in `fold` (unshifted: folded_tile's),
-// into the tile's keys and rows for the hand-down (as its chain would have written
-// them).
+// A folded hand-down's tile after its attention: its k and v rows, the one stage's
+// LayerNorm of the input rows `rows` with the statistics in `fold` (unshifted:
+// folded_tile's), into the tile's keys and rows for the hand-down, by the chain's
+// own code.
 template <typename T>
-inline void normalise_tile(const Pass<T>& p, const TileRows<T>& rows, int64_t count,
-                           const FoldedNorm<T>& fold, Tile<T>& tile) {
+inline void normalise_tile(const Pass<T>& p, int64_t b, int64_t n0, const TileRows<T>& rows,
+                           int64_t count, const FoldedNorm<T>& fold, Tile<T>& tile) {
   const int64_t C = p.channels;
   for (int64_t t = 0; t < count; ++t) {
-    const T* x_k = rows.keys + t * C;
-    const T* x_v = rows.values + t * rows.value_stride;
-    T* k = tile.keys.data() + t * C;
-    T* v = tile.rows.data() + t * tile.channel_stride;
-    const T mk = fold.mean_k[t], rk = fold.rstd_k[t], mv = fold.mean_v[t], rv = fold.rstd_v[t];
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      k[c] = (x_k[c] - mk) * rk * p.norm_k_weight[c] + p.norm_k_bias[c];
-      v[c] = (x_v[c] - mv) * rv * p.norm_v_weight[c] + p.norm_v_bias[c];
-    }
+    const NormStats<T> st{fold.mean_k[t], fold.rstd_k[t], fold.mean_v[t], fold.rstd_v[t]};
+    for_each_block<T>(C, [&](int64_t c0, auto blk) {
+      chain_block<Kept::nothing>(p, b, n0 + t, &st, 0, 1, c0, blk, rows.keys + t * C,
+                                 rows.values + t * rows.value_stride,
+                                 static_cast<Scratch<T>*>(nullptr), static_cast<T*>(nullptr),
+                                 tile.keys.data() + t * C,
+                                 tile.rows.data() + t * tile.channel_stride);
+    });
   }
 }
 
@@ -782,7 +780,7 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
                     v_partial + K * C, folded ? &*own_fold : nullptr,
                     folded ? v_partial + K * C + K : nullptr);
         if constexpr (What == Kept::last_modulation) {
-          if (folded) normalise_tile(p, rows, count, *own_fold, tile);
+          if (folded) normalise_tile(p, b, n0, rows, count, *own_fold, tile);
           const T* attn = folded ? out.attn + b * K * N + n0 : tile.attn.data();
           hand_down_tile(p, tile, attn, folded ? N : kTile, b, n0, count, item_stats,
                          child ? &*child : nullptr, fold ? &*fold : nullptr);
@@ -1121,17 +1119,16 @@ HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs
     Pass<scalar_t> p = make_pass<scalar_t>(op, args, hd != nullptr ? 1 : 0, storage);
     const int64_t B = p.batch, N = p.tokens, C = p.channels;
     attn = at::empty({B, p.slots, N}, k_in.options());
+    // A [B,N,C] tensor the pass writes in place.
+    const auto check_written = [&](const char* name, const at::Tensor& t) {
+      check_float_cpu(op, name, t, k_in.scalar_type(), "k_in");
+      check_shape(op, name, t, k_in.sizes(), "[B, N, C] like k_in");
+      TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous to be written in place");
+    };
     if (hd != nullptr) {
-      using Named = std::pair<const char*, const at::Tensor*>;
-      for (const auto& [name, t] :
-           {Named{"hand_down", &hd->hand_down}, Named{"hand_down_v", hd->hand_down_v}}) {
-        if (t == nullptr) continue;
-        check_float_cpu(op, name, *t, k_in.scalar_type(), "k_in");
-        check_shape(op, name, *t, k_in.sizes(), "[B, N, C] like k_in");
-        TORCH_CHECK(t->is_contiguous(), op, ": ", name,
-                    " must be contiguous to be written in place");
-      }
+      check_written("hand_down", hd->hand_down);
       if (hd->hand_down_v != nullptr) {
+        check_written("hand_down_v", *hd->hand_down_v);
         p.hand_down.rows_k = hd->hand_down.mutable_data_ptr<scalar_t>();
         p.hand_down.rows_v = hd->hand_down_v->mutable_data_ptr<scalar_t>();
       } else {
@@ -1151,9 +1148,7 @@ HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs
       }
     }
     if (fused != nullptr) {
-      check_float_cpu(op, "out", fused->out, k_in.scalar_type(), "k_in");
-      check_shape(op, "out", fused->out, k_in.sizes(), "[B, N, C] like k_in");
-      TORCH_CHECK(fused->out.is_contiguous(), op, ": out must be contiguous");
+      check_written("out", fused->out);
       p.output.factors = make_factors<scalar_t>(op, fused->masks, fused->tables, B, N, C,
                                                 k_in.scalar_type(), storage);
       p.output.factors.push_back(make_factor<scalar_t>(op, attn, "attn", fused->own_table,

@@ -33,7 +33,8 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 def level_args(levels: Sequence[torch.nn.Module]) -> tuple:
     """The op's arguments after k_in and v_in and before iters and attn_eps, from a
     ``SlotInSlotAttention``'s ``SlotLevel``s (top first)."""
-    return (*stacked_norms(levels), [level.slots_mu for level in levels], [level.prompts for level in levels],
+    return (*stacked_norms(levels), [level.slots_mu for level in levels],
+            [level.prompts for level in levels],
             [w for level in levels for w in level_weights(level)],
             [level.scale for level in levels], [level.norm_k_inp.eps for level in levels],
             [level.norm_slots.eps for level in levels])
