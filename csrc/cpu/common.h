@@ -110,6 +110,20 @@ struct VectorOf {
 template <typename T>
 using Vec = typename VectorOf<T>::type;
 
+// The type of one lane of X: X itself, or Vec<T>'s T.
+template <typename X>
+struct LaneOf {
+  using type = X;
+};
+template <>
+struct LaneOf<Vec<float>> {
+  using type = float;
+};
+template <>
+struct LaneOf<Vec<double>> {
+  using type = double;
+};
+
 template <typename T, int64_t Width = kBlock<T>>
 struct FullBlock {
   using Unit = Vec<T>;
@@ -196,7 +210,8 @@ inline void sum_lanes_16(const Vec<float> (&in)[16], float* lanes) {
 // once per block. Where there are several dots to take, this beats one dot at a
 // time, which spends as much on its accumulators' loads and horizontal sum as on
 // the multiply-adds (the slot update's matrix products, a tile's slot logits, a
-// token's mask gradients). A float block of 4 x 4 takes its 16 sums together.
+// token's mask gradients). A float block of 16 dots (4 x 4, 2 x 8) takes its 16
+// sums together, stored as one vector in out's order.
 template <int Jb, int Rb, typename T>
 inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
   using V = Vec<T>;
@@ -221,16 +236,10 @@ inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
     }
   }
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> && Jb == 4 && Rb == 4) {
-    V in_order[16];
-    for (int j = 0; j < 4; ++j) {
-      for (int r = 0; r < 4; ++r) in_order[4 * r + j] = acc[j][r];
-    }
-    float lanes[16];
-    sum_lanes_16(in_order, lanes);  // lanes[4 j + r] = the sum of acc[j][r]
-    for (int j = 0; j < 4; ++j) {
-      for (int r = 0; r < 4; ++r) out[j][r] = lanes[4 * j + r];
-    }
+  if constexpr (std::is_same_v<T, float> && Jb * Rb == 16) {
+    V in_order[16];  // sum_lanes_16's order for lanes m = Rb * j + r
+    for (int m = 0; m < 16; ++m) in_order[(m % 4) * 4 + m / 4] = acc[m / Rb][m % Rb];
+    sum_lanes_16(in_order, &out[0][0]);
   } else
 #endif
   {
@@ -238,9 +247,11 @@ inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
       for (int r = 0; r < Rb; ++r) out[j][r] = sum_lanes(reinterpret_cast<const T*>(&acc[j][r]));
     }
   }
-  for (int j = 0; j < Jb; ++j) {
-    for (int r = 0; r < Rb; ++r) {
-      for (int64_t t = c; t < in; ++t) out[j][r] += w[j * in + t] * x[r * in + t];
+  if (c < in) {  // a test per dot, else: the compiler does not hoist it
+    for (int j = 0; j < Jb; ++j) {
+      for (int r = 0; r < Rb; ++r) {
+        for (int64_t t = c; t < in; ++t) out[j][r] += w[j * in + t] * x[r * in + t];
+      }
     }
   }
 }
@@ -291,8 +302,9 @@ constexpr std::array<T, Terms + 1> inverse_factorials() {
 // 2^n written into the exponent bits. x is clamped at the smallest normal power
 // of two (exp(-87.3) for float): anything that far below 1 is lost to rounding
 // next to the 1 (a softmax's largest term, the sigmoid's 1 + e) it is added to.
-template <typename T>
-inline T exp_nonpositive(T x) {
+template <typename X>
+inline X exp_nonpositive(X x) {
+  using T = typename LaneOf<X>::type;
   using Bits = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
   constexpr int kMantissaBits = std::numeric_limits<T>::digits - 1;
   constexpr Bits kBias = std::numeric_limits<T>::max_exponent - 1;
@@ -301,15 +313,21 @@ inline T exp_nonpositive(T x) {
   constexpr T kLn2Lo = T(1.42860682030941723212e-6);
   constexpr T kRound = T(1.5) * T(Bits(1) << kMantissaBits);  // adding it rounds to an integer
   constexpr int kTerms = std::is_same_v<T, float> ? 7 : 13;
-  x = std::max(x, T(std::numeric_limits<T>::min_exponent - 1) / kLog2e);
-  const T n = (x * kLog2e + kRound) - kRound;
-  const T r = (x - n * kLn2Hi) - n * kLn2Lo;
+  const X lowest = X{} + T(std::numeric_limits<T>::min_exponent - 1) / kLog2e;
+  x = x < lowest ? lowest : x;  // std::max's result, for a vector too
+  const X n = (x * kLog2e + kRound) - kRound;
+  const X r = (x - n * kLn2Hi) - n * kLn2Lo;
   // Horner's rule on the coefficients 1/k! (a division per term would cost a
   // vdivps each, 16 cycles per vector).
   constexpr std::array<T, kTerms + 1> kCoefficients = inverse_factorials<T, kTerms>();
-  T poly = kCoefficients[kTerms];
+  X poly = X{} + kCoefficients[kTerms];
   for (int k = kTerms - 1; k >= 0; --k) poly = poly * r + kCoefficients[k];
-  return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
+  if constexpr (std::is_arithmetic_v<X>) {
+    return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
+  } else {
+    using BitsVec = typename VectorOf<Bits>::type;
+    return poly * std::bit_cast<X>((__builtin_convertvector(n, BitsVec) + kBias) << kMantissaBits);
+  }
 }
 
 // Below this many multiply-adds, starting a parallel region costs more than it saves.

@@ -323,26 +323,27 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>* s, Nor
 }
 
 // x[i * Width + t] <- softmax over the K slots i of each of the Width columns t
-// (tokens: with the slots as rows, every step is a vector op over the tokens).
+// (tokens: with the slots as rows, every step is a vector op over the tokens, in
+// GCC's vector types where Width is whole vectors: as loops over t the compiler
+// left the maximum and the normalisation one value at a time).
 template <int64_t Width, typename T>
 inline void softmax_columns(T* __restrict__ x, int64_t K) {
-  T top[Width], total[Width];
-  for (int64_t t = 0; t < Width; ++t) top[t] = x[t];
-  for (int64_t i = 1; i < K; ++i) {
-    for (int64_t t = 0; t < Width; ++t) top[t] = std::max(top[t], x[i * Width + t]);
-  }
-  for (int64_t t = 0; t < Width; ++t) total[t] = T(0);
-  for (int64_t i = 0; i < K; ++i) {
-#pragma omp simd
-    for (int64_t t = 0; t < Width; ++t) {
-      const T e = exp_nonpositive(x[i * Width + t] - top[t]);
-      x[i * Width + t] = e;
-      total[t] += e;
+  using V = std::conditional_t<Width % kVectorLanes<T> == 0, Vec<T>, T>;
+  constexpr int64_t L = std::is_same_v<V, T> ? 1 : kVectorLanes<T>;
+  for (int64_t t = 0; t < Width; t += L) {
+    V top = load<V>(x + t);
+    for (int64_t i = 1; i < K; ++i) {
+      const V y = load<V>(x + i * Width + t);
+      top = top < y ? y : top;
     }
-  }
-  for (int64_t t = 0; t < Width; ++t) total[t] = T(1) / total[t];
-  for (int64_t i = 0; i < K; ++i) {
-    for (int64_t t = 0; t < Width; ++t) x[i * Width + t] *= total[t];
+    V total{};
+    for (int64_t i = 0; i < K; ++i) {
+      const V e = exp_nonpositive(load<V>(x + i * Width + t) - top);
+      store(x + i * Width + t, e);
+      total += e;
+    }
+    const V inverse = T(1) / total;
+    for (int64_t i = 0; i < K; ++i) store(x + i * Width + t, load<V>(x + i * Width + t) * inverse);
   }
 }
 
@@ -528,25 +529,35 @@ inline void attend_tile(Tile<T>& tile, const TileRows<T>& rows, int64_t count, i
     }
   }
   softmax_columns<kTile>(tile.attn.data(), K);
+  // A slot's row of the tile in whole vectors (kTile / L of them), the tokens past
+  // `count` weighted 0 in its sums. (As loops over t with a test per token, or with
+  // fold's rows not known apart from attn, the compiler took them one value at a
+  // time.)
+  using V = Vec<T>;
+  constexpr int64_t L = kVectorLanes<T>, kUnits = kTile / L;
+  V counted[kUnits];
+  for (int64_t u = 0; u < kUnits; ++u) {
+    for (int64_t l = 0; l < L; ++l) counted[u][l] = T(u * L + l < count);
+  }
   for (int64_t i = 0; i < K; ++i) {
     T* a = tile.attn.data() + i * kTile;
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < kTile; ++t) {
-      a[t] += attn_eps;
-      total += t < count ? a[t] : T(0);
-    }
-    sum_partial[i] += total;
-    std::copy_n(a, count, attn_out + i * N);
-    if (fold != nullptr) {  // A is written: its weights become A * r
-      T shifted = 0;
-#pragma omp simd reduction(+ : shifted)
-      for (int64_t t = 0; t < kTile; ++t) {
-        a[t] *= fold->rstd_v[t];
-        shifted += t < count ? a[t] * fold->mean_v[t] : T(0);
+    T* out = attn_out + i * N;
+    V total{}, shifted{};
+    T partial_tile[kTile];  // A of a tile short of kTile tokens, `count` of them written
+    for (int64_t u = 0; u < kUnits; ++u) {
+      V x = load<V>(a + u * L) + attn_eps;
+      store((count == kTile ? out : partial_tile) + u * L, x);
+      x *= counted[u];
+      total += x;
+      if (fold != nullptr) {  // A is written: its weights become A * r
+        x *= load<V>(fold->rstd_v.data() + u * L);
+        shifted += x * load<V>(fold->mean_v.data() + u * L);
       }
-      fold_partial[i] += shifted;
+      store(a + u * L, x);
     }
+    if (count < kTile) std::copy_n(partial_tile, count, out);
+    sum_partial[i] += sum_lanes(reinterpret_cast<const T*>(&total));
+    if (fold != nullptr) fold_partial[i] += sum_lanes(reinterpret_cast<const T*>(&shifted));
   }
   tile_weighted_sums(tile, rows.values, rows.value_stride, count, K, C, v_partial);
 }
