@@ -408,16 +408,69 @@ struct TileRows {
   }
 };
 
+// Rows a tile's attention brings into L1 for what follows it: up to kRegions runs
+// of lines, a few lines after each block of its logits and of its A * v sums, so
+// that the next reads find them there. A pass reads each token's rows once, in
+// tiles: without this the first block of a tile's logits (and of its sums) waited
+// on its rows, which the hardware prefetchers fetched no further ahead than a few
+// lines (a leaf pass at N = 16384: 89 -> 74 ns a token on one thread, 47 -> 42 on
+// two). Spread over the blocks rather than issued at once, the prefetches do not
+// hold up the tile's own loads (all at the start of a tile, the leaf pass was
+// 5-10% slower: benchmarks/HISTORY.md, seventeenth session).
+template <typename T>
+class TilePrefetch {
+ public:
+  static constexpr int kRegions = 4;
+  static constexpr int64_t kLine = 64;
+
+  // The `values` values from `first`.
+  void add(const T* first, int64_t values) {
+    if (regions_ == kRegions) return;
+    begin_[regions_] = reinterpret_cast<const char*>(first);
+    lines_[regions_] = (values * int64_t(sizeof(T)) + kLine - 1) / kLine;
+    total_ += lines_[regions_++];
+  }
+
+  // Spread the lines over `steps` calls of step().
+  void plan(int64_t steps) { per_step_ = steps > 0 ? (total_ + steps - 1) / steps : total_; }
+
+  void step() {
+    for (int64_t i = 0; i < per_step_ && region_ < regions_; ++i) {
+      __builtin_prefetch(begin_[region_] + line_ * kLine, 0, 3);
+      if (++line_ == lines_[region_]) {
+        ++region_;
+        line_ = 0;
+      }
+    }
+  }
+
+ private:
+  const char* begin_[kRegions] = {};
+  int64_t lines_[kRegions] = {};
+  int regions_ = 0, region_ = 0;
+  int64_t line_ = 0, total_ = 0, per_step_ = 0;
+};
+
+// The blocks tile_logits computes (dot_block calls).
+template <typename T>
+int64_t logit_blocks(const Tile<T>& tile, int64_t count) {
+  return (count + kTokenGroup - 1) / kTokenGroup * (tile.slot_stride / kSlotGroup);
+}
+
 // tile.attn[i, t] = queries_i . keys_t for every slot (the padding's are 0) and the
 // tile's tokens, rounded up to kTokenGroup (rows past `count` hold an earlier
-// token's k or zeros: finite, and never read back).
+// token's k or zeros: finite, and never read back). A group of tokens at a time,
+// every slot group: each token's k is read from beyond L1 once, by the first
+// block, and those reads are spread over the tile's blocks.
 template <typename T>
-inline void tile_logits(Tile<T>& tile, const T* keys, int64_t count, int64_t C) {
-  for (int64_t i0 = 0; i0 < tile.slot_stride; i0 += kSlotGroup) {
-    for (int64_t t0 = 0; t0 < count; t0 += kTokenGroup) {
+inline void tile_logits(Tile<T>& tile, const T* keys, int64_t count, int64_t C,
+                        TilePrefetch<T>& ahead) {
+  for (int64_t t0 = 0; t0 < count; t0 += kTokenGroup) {
+    for (int64_t i0 = 0; i0 < tile.slot_stride; i0 += kSlotGroup) {
       T dots[kSlotGroup][kTokenGroup];
       dot_block<kSlotGroup, kTokenGroup>(tile.queries.data() + i0 * C,
                                          keys + t0 * C, C, dots);
+      ahead.step();
       for (int64_t g = 0; g < kSlotGroup; ++g) {
         for (int64_t r = 0; r < kTokenGroup; ++r) tile.attn[(i0 + g) * kTile + t0 + r] = dots[g][r];
       }
@@ -425,42 +478,52 @@ inline void tile_logits(Tile<T>& tile, const T* keys, int64_t count, int64_t C) 
   }
 }
 
-// partial[i0 + g, :] += sum over the tile's `count` tokens t of attn[i0 + g, t] *
-// rows[t, :] for G slots: G slots x two vectors of channels in registers.
+// partial[i0 + g, c0 : c0 + W] += sum over the tile's `count` tokens t of
+// attn[i0 + g, t] * rows[t, c0 : c0 + W] for G slots and one block of W channels:
+// G slots x two vectors of channels in registers.
 template <int G, typename T>
 inline void slot_group_weighted_sums(const Tile<T>& tile, const T* __restrict__ v,
-                                     int64_t stride, int64_t count, int64_t i0, int64_t C,
-                                     T* __restrict__ partial) {
+                                     int64_t stride, int64_t count, int64_t i0, int64_t c0,
+                                     int64_t C, T* __restrict__ partial) {
   constexpr int64_t W = kBlock<T>;
   const T* __restrict__ a = tile.attn.data() + i0 * kTile;
-  for (int64_t c0 = 0; c0 < C; c0 += W) {
-    T acc[G][W] = {};
-    for (int64_t t = 0; t < count; ++t) {
-      const T* v_t = v + t * stride + c0;
-      for (int64_t g = 0; g < G; ++g) {
-#pragma omp simd
-        for (int64_t w = 0; w < W; ++w) acc[g][w] += a[g * kTile + t] * v_t[w];
-      }
-    }
-    const int64_t width = std::min(W, C - c0);
+  T acc[G][W] = {};
+  for (int64_t t = 0; t < count; ++t) {
+    const T* v_t = v + t * stride + c0;
     for (int64_t g = 0; g < G; ++g) {
-      T* __restrict__ dst = partial + (i0 + g) * C + c0;
-      for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) acc[g][w] += a[g * kTile + t] * v_t[w];
     }
   }
+  const int64_t width = std::min(W, C - c0);
+  for (int64_t g = 0; g < G; ++g) {
+    T* __restrict__ dst = partial + (i0 + g) * C + c0;
+    for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
+  }
+}
+
+// The blocks tile_weighted_sums computes (slot_group_weighted_sums calls).
+template <typename T>
+int64_t weighted_sum_blocks(int64_t K, int64_t C) {
+  return (C + kBlock<T> - 1) / kBlock<T> * ((K + kSlotGroup - 1) / kSlotGroup);
 }
 
 // partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :]
 // (rows `stride` apart, readable up to C rounded up to kBlock), a group of up to
 // kSlotGroup slots at a time: eight (or fewer) independent accumulators, enough to
-// hide the latency of their FMAs.
+// hide the latency of their FMAs. A block of channels at a time, every slot group
+// (as tile_logits takes its tokens). `ahead` steps once per block.
 template <typename T>
 inline void tile_weighted_sums(const Tile<T>& tile, const T* rows, int64_t stride,
-                               int64_t count, int64_t K, int64_t C, T* __restrict__ partial) {
+                               int64_t count, int64_t K, int64_t C, T* __restrict__ partial,
+                               TilePrefetch<T>& ahead) {
   static_assert(kSlotGroup == 4, "for_each_group_of_4 makes the groups");
-  for_each_group_of_4(K, [&]<int G>(int64_t i0) {
-    slot_group_weighted_sums<G>(tile, rows, stride, count, i0, C, partial);
-  });
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock<T>) {
+    for_each_group_of_4(K, [&]<int G>(int64_t i0) {
+      slot_group_weighted_sums<G>(tile, rows, stride, count, i0, c0, C, partial);
+      ahead.step();
+    });
+  }
 }
 
 // A LayerNorm folded into the attention that follows it. The hand-down keeps each
@@ -515,9 +578,10 @@ struct FoldedQueries {
 template <typename T>
 inline void attend_tile(Tile<T>& tile, const TileRows<T>& rows, int64_t count, int64_t K,
                         int64_t C, int64_t N, T attn_eps, T* attn_out, T* v_partial,
-                        T* sum_partial, const FoldedNorm<T>* fold = nullptr,
-                        T* fold_partial = nullptr) {
-  tile_logits(tile, rows.keys, count, C);
+                        T* sum_partial, TilePrefetch<T>& ahead,
+                        const FoldedNorm<T>* fold = nullptr, T* fold_partial = nullptr) {
+  ahead.plan(logit_blocks(tile, count) + weighted_sum_blocks<T>(K, C));
+  tile_logits(tile, rows.keys, count, C, ahead);
   if (fold != nullptr) {
     for (int64_t i = 0; i < K; ++i) {
       T* l = tile.attn.data() + i * kTile;
@@ -559,7 +623,7 @@ inline void attend_tile(Tile<T>& tile, const TileRows<T>& rows, int64_t count, i
     sum_partial[i] += sum_lanes(reinterpret_cast<const T*>(&total));
     if (fold != nullptr) fold_partial[i] += sum_lanes(reinterpret_cast<const T*>(&shifted));
   }
-  tile_weighted_sums(tile, rows.values, rows.value_stride, count, K, C, v_partial);
+  tile_weighted_sums(tile, rows.values, rows.value_stride, count, K, C, v_partial, ahead);
 }
 
 // A hand-down for the tile's tokens, once their A is known: with
@@ -787,8 +851,17 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
                                tile.rows.data() + t * tile.channel_stride);
           }
         }
+        // A tile read in place prefetches its own v (its sums come after its logits)
+        // and the next tile's k. (A chain's rows, prefetched likewise for the next
+        // tile, or its outputs for writing: nothing or slower.)
+        TilePrefetch<T> ahead;
+        if (rows.keys != tile.keys.data()) {
+          ahead.add(rows.values, count * C);
+          const int64_t next_count = std::min(kTile, chunk_end - n0 - kTile);
+          if (next_count > 0) ahead.add(rows.keys + kTile * C, next_count * C);
+        }
         attend_tile(tile, rows, count, K, C, N, p.attn_eps, out.attn + b * K * N + n0, v_partial,
-                    v_partial + K * C, folded ? &*own_fold : nullptr,
+                    v_partial + K * C, ahead, folded ? &*own_fold : nullptr,
                     folded ? v_partial + K * C + K : nullptr);
         if constexpr (What == Kept::last_modulation) {
           if (folded) normalise_tile(p, b, n0, rows, count, *own_fold, tile);
@@ -797,10 +870,10 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
                          child ? &*child : nullptr, fold ? &*fold : nullptr);
           if (child) {
             T* child_partial = child_partials.chunk(chunk);
+            TilePrefetch<T> in_l1;  // the child's tile is the tile's own
             attend_tile(*child, TileRows<T>::own(*child), count, Kc, C, N, p.attn_eps,
-                        out.child_attn + b * Kc * N + n0,
-                        child_partial, child_partial + Kc * C, &*fold,
-                        child_partial + Kc * C + Kc);
+                        out.child_attn + b * Kc * N + n0, child_partial, child_partial + Kc * C,
+                        in_l1, &*fold, child_partial + Kc * C + Kc);
           }
         }
         if (p.output.out != nullptr) {  // the tile's attn is written: its mixture is known
@@ -986,7 +1059,9 @@ void backward_kernel(const Pass<T>& p, const T* g_attn, const T* g_sum, const T*
             affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
           }
         }
-        tile_weighted_sums(tile, tile.rows.data(), tile.channel_stride, count, K, C, gq_partial);
+        TilePrefetch<T> nothing;
+        tile_weighted_sums(tile, tile.rows.data(), tile.channel_stride, count, K, C, gq_partial,
+                           nothing);
       }
     }
   }
