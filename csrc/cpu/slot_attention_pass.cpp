@@ -409,18 +409,19 @@ struct TileRows {
 };
 
 // Rows a tile's attention brings into L1 for what follows it: up to kRegions runs
-// of lines, a few lines after each block of its logits and of its A * v sums, so
-// that the next reads find them there. A pass reads each token's rows once, in
-// tiles: without this the first block of a tile's logits (and of its sums) waited
-// on its rows, which the hardware prefetchers fetched no further ahead than a few
-// lines (a leaf pass at N = 16384: 89 -> 74 ns a token on one thread, 47 -> 42 on
-// two). Spread over the blocks rather than issued at once, the prefetches do not
-// hold up the tile's own loads (all at the start of a tile, the leaf pass was
-// 5-10% slower: benchmarks/HISTORY.md, seventeenth session).
+// of lines (its own v, the next tile's k), a few lines after each block of its
+// logits and of its A * v sums, so that the next reads find them there. A pass
+// reads each token's rows once, in tiles: without this the first block of a tile's
+// logits (and of its sums) waited on its rows, which the hardware prefetchers
+// fetched no further ahead than a few lines (a leaf pass at N = 16384: 86-91 ->
+// 77-78 ns a token on one thread, 47 -> 42 on two). Spread over the blocks rather
+// than issued at once, the prefetches do not hold up the tile's own loads (all at
+// the start of a tile, the leaf pass was 5-10% slower: benchmarks/HISTORY.md,
+// seventeenth session).
 template <typename T>
 class TilePrefetch {
  public:
-  static constexpr int kRegions = 4;
+  static constexpr int kRegions = 2;
   static constexpr int64_t kLine = 64;
 
   // The `values` values from `first`.
