@@ -210,8 +210,8 @@ inline void sum_lanes_16(const Vec<float> (&in)[16], float* lanes) {
 // once per block. Where there are several dots to take, this beats one dot at a
 // time, which spends as much on its accumulators' loads and horizontal sum as on
 // the multiply-adds (the slot update's matrix products, a tile's slot logits, a
-// token's mask gradients). A float block of 16 dots (4 x 4, 2 x 8) takes its 16
-// sums together, stored as one vector in out's order.
+// token's mask gradients). A float block of 16 dots (the logits' 4 x 4) takes its
+// 16 sums together, stored as one vector in out's order.
 template <int Jb, int Rb, typename T>
 inline void dot_block(const T* w, const T* x, int64_t in, T (&out)[Jb][Rb]) {
   using V = Vec<T>;
