@@ -35,8 +35,8 @@ TORCH_LIBRARY(exposure_slot, m) {
   // LayerNorm statistics of every stage, which a later pass through the same
   // stages takes as its `stats` input (any leading S <= D of them) instead of
   // recomputing. stats is a cache, not differentiable; the backward takes the
-  // forward's (the CPU kernel then skips recomputing them; the CUDA and Triton
-  // kernels check them and recompute).
+  // forward's stats and attn (the CPU kernel then skips recomputing the statistics
+  // and the softmax; the CUDA and Triton kernels check them and recompute).
   m.set_python_module("exposure_slot.ops.slot_attention_pass");
   m.def(
       "slot_attention_pass(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
@@ -50,8 +50,8 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor grad_attn_v, Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
       "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
       "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
-      "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps) "
-      "-> (Tensor grad_k_in, Tensor grad_v_in, "
+      "int[] factor_stages, Tensor queries, Tensor? stats, Tensor attn, float norm_eps, "
+      "float attn_eps) -> (Tensor grad_k_in, Tensor grad_v_in, "
       "Tensor grad_norm_k_weight, Tensor grad_norm_k_bias, Tensor grad_norm_v_weight, "
       "Tensor grad_norm_v_bias, Tensor[] grad_stage_bases, Tensor[] grad_factor_masks, "
       "Tensor[] grad_factor_tables, Tensor grad_queries)",

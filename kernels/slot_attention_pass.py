@@ -428,15 +428,15 @@ def slot_attention_pass(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, n
 def slot_attention_pass_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in,
                                  norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                                  stage_bases, base_stages, factor_masks, factor_tables,
-                                 factor_stages, queries, stats, norm_eps, attn_eps,
+                                 factor_stages, queries, stats, attn, norm_eps, attn_eps,
                                  launch=launch_kernel):
-    # stats (the forward's LayerNorm statistics) is only checked: the kernel
-    # recomputes them.
+    # stats and attn (the forward's LayerNorm statistics and softmax) are only
+    # checked: the kernel recomputes them, from the k rows it holds anyway.
     op = "slot_attention_pass_backward"
     grads = (grad_attn, grad_attn_sum, grad_attn_v)
     check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                    stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
-                   stats, grads=grads, dtypes=KERNEL_DTYPES, op=op)
+                   stats, grads=grads, attn=attn, dtypes=KERNEL_DTYPES, op=op)
     p = _Prepared(op, k_in, v_in, (norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias),
                   stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries)
     B, N, C, K, D = p.batch, p.tokens, p.channels, p.slots, p.depth

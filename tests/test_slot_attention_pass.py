@@ -342,10 +342,11 @@ def test_opcheck(backend, layout):
 def test_opcheck_backward(backend, layout):
     # The schema declares ten separate outputs: none may alias another (test_schema).
     case = Case(2, tokens(backend, 260), 8, 3, layout, seed=23).on(backend)
-    stats = case.run(backend)[3]
+    attn, _, _, stats = case.run(backend)
     for cached in (None, stats):  # the forward's stats, as the autograd formula passes
         torch.library.opcheck(op_namespace(backend).slot_attention_pass_backward,
-                              (*case.grads, *case.op_args(cached)[:13], NORM_EPS, ATTN_EPS))
+                              (*case.grads, *case.op_args(cached)[:13], attn, NORM_EPS,
+                               ATTN_EPS))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -498,8 +499,10 @@ def op_errors():
             a[name] = change(a[name])
         return lambda: op(*a.values())
 
-    def call_backward(grads, stats=None):
-        return lambda: backward(*grads, *c.op_args(stats)[:13], NORM_EPS, ATTN_EPS)
+    attn = op(*c.op_args())[0]
+
+    def call_backward(grads, stats=None, attn=attn):
+        return lambda: backward(*grads, *c.op_args(stats)[:13], attn, NORM_EPS, ATTN_EPS)
 
     ga, gs, gv = c.grads
     return [
@@ -533,6 +536,9 @@ def op_errors():
         ("grad-dtype", call_backward((ga, gs.float(), gv)), "share one dtype"),
         ("backward-stats-shape", call_backward(c.grads, torch.ones(2, 9, 2, 4, dtype=torch.float64)),
          r"stats must be \[B, N, S, 4\] with S <= D = 2"),
+        ("backward-attn-shape", call_backward(c.grads, attn=attn[:, :2]),
+         r"attn must be \[B, K, N\] \(the forward's attn\)"),
+        ("backward-attn-dtype", call_backward(c.grads, attn=attn.float()), "share one dtype"),
     ]
 
 
@@ -556,7 +562,8 @@ def test_fake_kernels_on_meta_tensors(backend):
     assert attn.device.type == "meta"
     assert (attn.shape, attn_sum.shape, attn_v.shape, stats.shape) == (
         (2, 3, 10), (2, 3), (2, 3, 8), (2, 10, 2, 4))
-    grads = backward(*(g.to("meta") for g in c.grads), *meta.op_args()[:13], NORM_EPS, ATTN_EPS)
+    grads = backward(*(g.to("meta") for g in c.grads), *meta.op_args()[:13], attn, NORM_EPS,
+                     ATTN_EPS)
     flat = [g for x in grads for g in (x if isinstance(x, list) else [x])]
     assert [g.shape for g in flat] == [t.shape for t in meta.tensors()]
     args = list(meta.op_args())

@@ -87,7 +87,8 @@ def record_launch(kernel: str, channels: int, dtype_name: str):
         else:
             grads = (torch.empty(B, K, N, **meta), torch.empty(B, K, **meta),
                      torch.empty(B, K, channels, **meta))
-            slot_attention_pass.slot_attention_pass_backward(*grads, *chain, None, 1e-5, 1e-8,
+            slot_attention_pass.slot_attention_pass_backward(*grads, *chain, None, grads[0],
+                                                             1e-5, 1e-8,
                                                              launch=record)
     (launch,) = launches
     return launch

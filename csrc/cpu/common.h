@@ -283,6 +283,39 @@ inline void row_dots(const T* rows, const T* x, int64_t K, int64_t C, T* out, in
   });
 }
 
+// partial[i, :] += sum over `count` rows t of weights[i * weight_stride + t] *
+// rows[t, :] for K rows of weights and rows of C values: a group of up to four
+// weight rows and a block of channels at a time, their sums in registers over
+// the rows, so that each row of the partial is read and written once per call
+// (the table gradients of a tile's tokens).
+template <typename T>
+inline void weighted_row_sums(const T* weights, int64_t weight_stride, const T* rows,
+                              int64_t count, int64_t K, int64_t C, T* __restrict__ partial) {
+  for_each_block<T>(C, [&](int64_t c0, auto blk) {
+    using Block = decltype(blk);
+    using U = typename Block::Unit;
+    constexpr int64_t S = Block::kStride;
+    for_each_group_of_4(K, [&]<int G>(int64_t i0) {
+      U acc[G][Block::kCapacity];
+      for (int g = 0; g < G; ++g) {
+        for (int64_t u = 0; u < blk.units; ++u) acc[g][u] = U{};
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        U x[Block::kCapacity];
+        for (int64_t u = 0; u < blk.units; ++u) x[u] = load<U>(rows + t * C + c0 + u * S);
+        for (int g = 0; g < G; ++g) {
+          const T a = weights[(i0 + g) * weight_stride + t];
+          for (int64_t u = 0; u < blk.units; ++u) acc[g][u] += a * x[u];
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        T* dst = partial + (i0 + g) * C + c0;
+        for (int64_t u = 0; u < blk.units; ++u) store(dst + u * S, load<U>(dst + u * S) + acc[g][u]);
+      }
+    });
+  });
+}
+
 // 1/k! for k = 0 .. Terms.
 template <typename T, int Terms>
 constexpr std::array<T, Terms + 1> inverse_factorials() {
@@ -348,6 +381,11 @@ inline void check_shape(const char* op, const char* name, const at::Tensor& t,
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must be ", layout, " = ", expected,
               ", got shape ", t.sizes());
 }
+
+// Tokens a tile: the passes take a chunk's tokens kTile at a time, with per-tile
+// products over them (a tile's logits and A * v sums; in the backwards the query,
+// mask and table gradients).
+constexpr int64_t kTile = 16;
 
 // How the tokens of each batch item are cut into chunks.
 struct Chunking {

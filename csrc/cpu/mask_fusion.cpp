@@ -97,20 +97,24 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
       for (int64_t j = 0; j < J; ++j) table_partials[j] = partials.chunk(chunk) + offsets[j];
-      for (int64_t n = chunks.begin(chunk); n < chunks.end(chunk, N); ++n) {
-        // The mixtures are recomputed: cheaper than storing J [B,N,C] tensors.
-        const int64_t row = (b * N + n) * C;
-        for_each_block<T>(C, [&](int64_t c0, auto blk) {
-          using Block = decltype(blk);
-          using U = typename Block::Unit;
-          U mod[Block::kCapacity], gm[Block::kCapacity];
-          modulation_block(factors, m, b, n, N, C, c0, blk, values.data(), mod);
-          for (int64_t u = 0; u < blk.units; ++u) gm[u] = load<U>(grad + row + c0 + u * Block::kStride);
-          modulation_backward_block(factors, m, b, n, N, C, c0, blk, values.data(), gm,
-                                    base != nullptr ? grad_base + row : nullptr,
-                                    table_partials.data(), scratch);
-        });
-        finish_mask_grads(factors, m, b, n, N, C, grad_mask_ptrs.data(), scratch);
+      const int64_t chunk_end = chunks.end(chunk, N);
+      for (int64_t n0 = chunks.begin(chunk); n0 < chunk_end; n0 += kTile) {
+        const int64_t count = std::min(kTile, chunk_end - n0);
+        for (int64_t t = 0; t < count; ++t) {
+          // The mixtures are recomputed: cheaper than storing J [B,N,C] tensors.
+          const int64_t n = n0 + t, row = (b * N + n) * C;
+          for_each_block<T>(C, [&](int64_t c0, auto blk) {
+            using Block = decltype(blk);
+            using U = typename Block::Unit;
+            U mod[Block::kCapacity], gm[Block::kCapacity];
+            modulation_block(factors, m, b, n, N, C, c0, blk, values.data(), mod);
+            for (int64_t u = 0; u < blk.units; ++u) gm[u] = load<U>(grad + row + c0 + u * Block::kStride);
+            modulation_backward_block(factors, m, b, n, N, c0, blk, values.data(), gm,
+                                      base != nullptr ? grad_base + row : nullptr, t, scratch);
+          });
+        }
+        finish_modulation_grads(factors, m, b, n0, count, N, grad_mask_ptrs.data(),
+                                table_partials.data(), scratch);
       }
     }
   }

@@ -16,6 +16,10 @@
 //                                                        no division: a factor may be 0)
 //   grad_masks_j[b,i,n] = sum_c gf_j[c] * table_j[tb,i,c]
 //   grad_table_j[tb,i,c] += masks_j[b,i,n] * gf_j[c]     (into a per-chunk partial)
+// The last two are products over a tile of kTile tokens (common.h): the tokens'
+// gf_j rows are kept, then the tile's mask gradients are a [K_j, C] x [C, tile]
+// product (dot_block) and its table gradients a [K_j, tile] x [tile, C] one
+// (weighted_row_sums), rather than K_j dots and K_j row updates per token.
 //
 // Layout: masks [B,K,N] contiguous, so a token's K weights lie N apart; tables
 // [TB,K,C] contiguous and small (they stay in L1 for a whole pass); every per-token
@@ -179,34 +183,39 @@ inline void modulation(const std::vector<Factor<T>>& factors, const Modulation<T
   });
 }
 
-// Per-thread scratch of modulation_backward_block: a block's suffix products and
-// the token's factor gradients gf_j.
+// Per-thread scratch of the modulation backward: a block's suffix products, and
+// the factor gradients gf_j of a tile's tokens for finish_modulation_grads.
 template <typename T>
 struct ModulationGrad {
+  int64_t channels;
   AlignedVector<T> suffix;  // [J, kBlock]
-  AlignedVector<T> gf;      // [J, C]
+  AlignedVector<T> gf;      // [J, kTile, C]
 
   ModulationGrad(int64_t factors, int64_t C)
-      : suffix(std::max<int64_t>(factors, 1) * kBlock<T>), gf(std::max<int64_t>(factors, 1) * C) {}
+      : channels(C),
+        suffix(std::max<int64_t>(factors, 1) * kBlock<T>),
+        gf(std::max<int64_t>(factors, 1) * kTile * C) {}
+  // Factor j's gf rows, from the tile's token t.
+  T* rows(int64_t j, int64_t t) { return gf.data() + (j * kTile + t) * channels; }
+  const T* rows(int64_t j, int64_t t) const { return gf.data() + (j * kTile + t) * channels; }
 };
 
-// Backward of modulation_block, one block of channels of token (b, n), for the
-// block gm of the gradient of the modulation `m` (which has a base or factors).
-// `values` are the token's factor mixtures as modulation_block kept them. Writes
-// the block of the base's gradient into the row g_base (when `m` has a base), adds
-// each factor's table-gradient contribution to table_partials[j] (this chunk's
-// [K_j, C] partial: a chunk holds one batch item's tokens), and keeps gf_j's block
-// for finish_mask_grads, which takes the mask gradients (dots over all of C) once
-// the token's last block is done. Blockwise, the products stay in registers.
+// Backward of modulation_block, one block of channels of token (b, n), the tile's
+// token t, for the block gm of the gradient of the modulation `m` (which has a
+// base or factors). `values` are the token's factor mixtures as modulation_block
+// kept them. Writes the block of the base's gradient into the row g_base (when `m`
+// has a base) and keeps gf_j's block for finish_modulation_grads, which takes the
+// mask and table gradients once the tile's tokens are done. Blockwise, the
+// products stay in registers.
 template <typename T, typename Block>
 inline void modulation_backward_block(const std::vector<Factor<T>>& factors,
                                       const Modulation<T>& m, int64_t b, int64_t n, int64_t N,
-                                      int64_t C, int64_t c0, Block blk, const T* values,
-                                      const typename Block::Unit* gm, T* g_base,
-                                      T* const* table_partials, ModulationGrad<T>& grad) {
+                                      int64_t c0, Block blk, const T* values,
+                                      const typename Block::Unit* gm, T* g_base, int64_t t,
+                                      ModulationGrad<T>& grad) {
   using U = typename Block::Unit;
   constexpr int64_t S = Block::kStride;
-  const int64_t J = m.end - m.begin;
+  const int64_t J = m.end - m.begin, C = grad.channels;
   // suffix_j = prod_{l > j} f_l; then gf_j = gm * base * prefix_j * suffix_j with the
   // prefix prod_{l < j} f_l carried along (no division: a mixture may be 0).
   T* suffix = grad.suffix.data();
@@ -228,34 +237,39 @@ inline void modulation_backward_block(const std::vector<Factor<T>>& factors,
     }
   }
   for (int64_t j = 0; j < J; ++j) {
-    const Factor<T>& f = factors[m.begin + j];
-    U gf[Block::kCapacity];
+    T* gf = grad.rows(m.begin + j, t) + c0;
     for (int64_t u = 0; u < blk.units; ++u) {
-      gf[u] = prefix[u] * load<U>(suffix + j * kBlock<T> + u * S);
+      store(gf + u * S, prefix[u] * load<U>(suffix + j * kBlock<T> + u * S));
       prefix[u] *= load<U>(values + j * C + c0 + u * S);
-      store(grad.gf.data() + j * C + c0 + u * S, gf[u]);
-    }
-    const T* w = f.weights(b, n, N);
-    T* partial = table_partials[m.begin + j] + c0;
-    for (int64_t i = 0; i < f.slots; ++i) {
-      const T wi = w[i * N];
-      for (int64_t u = 0; u < blk.units; ++u) {
-        T* acc = partial + i * C + u * S;
-        store(acc, load<U>(acc) + wi * gf[u]);
-      }
     }
   }
 }
 
-// grad_masks_j[b, i, n] = gf_j . table_j[tb, i, :] for the token's kept gf_j.
+// The mask and table gradients of the `count` tokens of a tile from token n0,
+// from the gf_j rows modulation_backward_block kept: grad_masks_j[b, i, n0 + t] =
+// gf_j[t] . table_j[tb, i], and table_partials[j] (this chunk's [K_j, C] partial:
+// a chunk holds one batch item's tokens) += sum_t masks_j[b, i, n0 + t] * gf_j[t].
 template <typename T>
-inline void finish_mask_grads(const std::vector<Factor<T>>& factors, const Modulation<T>& m,
-                              int64_t b, int64_t n, int64_t N, int64_t C, T* const* grad_masks,
-                              const ModulationGrad<T>& grad) {
+inline void finish_modulation_grads(const std::vector<Factor<T>>& factors,
+                                    const Modulation<T>& m, int64_t b, int64_t n0, int64_t count,
+                                    int64_t N, T* const* grad_masks, T* const* table_partials,
+                                    const ModulationGrad<T>& grad) {
+  const int64_t C = grad.channels;
   for (int64_t j = m.begin; j < m.end; ++j) {
     const Factor<T>& f = factors[j];
-    row_dots(f.rows(b, C), grad.gf.data() + (j - m.begin) * C, f.slots, C,
-             grad_masks[j] + b * f.slots * N + n, N);
+    const T* gf = grad.rows(j, 0);
+    const T* table = f.rows(b, C);
+    T* g_masks = grad_masks[j] + b * f.slots * N + n0;
+    for_each_group_of_4(count, [&]<int R>(int64_t t0) {
+      for_each_group_of_4(f.slots, [&]<int G>(int64_t i0) {
+        T dots[G][R];
+        dot_block<G, R>(table + i0 * C, gf + t0 * C, C, dots);
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t r = 0; r < R; ++r) g_masks[(i0 + g) * N + t0 + r] = dots[g][r];
+        }
+      });
+    });
+    weighted_row_sums(f.weights(b, n0, N), N, gf, count, f.slots, C, table_partials[j]);
   }
 }
 

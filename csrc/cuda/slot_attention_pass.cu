@@ -582,8 +582,8 @@ slot_attention_pass_backward_cuda(
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
     const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
     at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
-    double attn_eps) {
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, const at::Tensor& attn,
+    double norm_eps, double attn_eps) {
   const char* op = "slot_attention_pass_backward";
   at::Tensor grad_k_in, grad_v_in, grad_queries;
   std::array<at::Tensor, 4> grad_norms;  // separate tensors: the schema's outputs never alias
@@ -609,6 +609,10 @@ slot_attention_pass_backward_cuda(
     check_shape(op, "grad_attn", grad_attn, {B, K, N}, "[B, K, N]");
     check_shape(op, "grad_attn_sum", grad_attn_sum, {B, K}, "[B, K]");
     check_shape(op, "grad_attn_v", grad_attn_v, {B, K, C}, "[B, K, C]");
+    // The forward's attn is only checked: a token's logits are a few products with
+    // its k row already in registers, cheaper here than K strided reads.
+    check_float_cuda(op, "attn", attn, k_in.scalar_type(), "k_in", device);
+    check_shape(op, "attn", attn, {B, K, N}, "[B, K, N] (the forward's attn)");
     const at::Tensor g_attn = grad_attn.contiguous();
     const at::Tensor g_sum = grad_attn_sum.contiguous();
     const at::Tensor g_v = aligned(grad_attn_v);

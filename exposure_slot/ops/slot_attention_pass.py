@@ -23,8 +23,9 @@ each stage's LayerNorm statistics per token (mean and 1/std of the k row, then o
 the v row). A later pass through the same leading stages (the level's next
 iterations, its descendants) takes them as its ``stats`` input ([B, N, S, 4], any
 S <= D) and skips recomputing them; ``stats`` is a cache, not differentiable. The
-backward op takes the forward's (the autograd formula saves them: D * 4 values a
-token) and recomputes everything else. The compiled kernels never write a [B, N, C]
+backward op takes the forward's ``stats`` and ``attn`` (the autograd formula saves
+them: D * 4 + K values a token; the CPU kernel reads the softmax from ``attn``
+rather than recomputing the logits) and recomputes everything else. The compiled kernels never write a [B, N, C]
 tensor: every stage is recomputed per token from ``k_in``, ``v_in``, the stage
 bases and the small [B, K_j, N] masks.
 
@@ -157,11 +158,12 @@ def slot_attention_pass_hand_down_reference(k_in, v_in, norm_k_weight, norm_k_bi
 
 def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
-               stats=None, *, grads=None, child_stages: int = 0,
+               stats=None, *, grads=None, attn=None, child_stages: int = 0,
                dtypes: tuple[torch.dtype, ...] | None = None, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
     """Raise TypeError or ValueError naming the problem; ``grads`` are the backward
-    op's three output gradients; the norms have ``child_stages`` rows past the pass's
-    D stages (a hand-down's: its child's first). Returns (B, N, C, K)."""
+    op's three output gradients and ``attn`` the forward's attention it takes; the
+    norms have ``child_stages`` rows past the pass's D stages (a hand-down's: its
+    child's first). Returns (B, N, C, K)."""
     named = {"k_in": k_in, "v_in": v_in, "queries": queries}
     if stats is not None:
         named["stats"] = stats
@@ -171,6 +173,8 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     named.update((f"factor_tables[{j}]", t) for j, t in enumerate(factor_tables))
     if grads is not None:
         named.update(zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads))
+    if attn is not None:
+        named["attn"] = attn
     check_tensors(named, op=op, dtypes=dtypes)
 
     if k_in.dim() != 3:
@@ -221,6 +225,9 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
         for name, g, shape in zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads, expected):
             if list(g.shape) != shape:
                 raise ValueError(f"{op}: {name} must have shape {shape}, got {list(g.shape)}")
+    if attn is not None and list(attn.shape) != [batch, slots, tokens]:
+        raise ValueError(f"{op}: attn must have shape {[batch, slots, tokens]} (the forward's "
+                         f"attn: [B, K, N]), got {list(attn.shape)}")
     return batch, tokens, channels, slots
 
 
@@ -283,11 +290,11 @@ def _fake_hand_down(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_
 
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
                    norm_k_bias, norm_v_weight, norm_v_bias, stage_bases, base_stages,
-                   factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+                   factor_masks, factor_tables, factor_stages, queries, stats, attn, norm_eps,
                    attn_eps):
     check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
                base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
-               grads=(grad_attn, grad_attn_sum, grad_attn_v), dtypes=KERNEL_DTYPES,
+               grads=(grad_attn, grad_attn_sum, grad_attn_v), attn=attn, dtypes=KERNEL_DTYPES,
                op="slot_attention_pass_backward")
     new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
     return (new(k_in), new(v_in), new(norm_k_weight), new(norm_k_bias), new(norm_v_weight),
@@ -296,23 +303,23 @@ def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_wei
 
 
 def _setup_context(ctx, inputs, output):
-    # The inputs and the LayerNorm statistics: the backward recomputes the chain and
-    # the softmax.
+    # The inputs, the LayerNorm statistics and the attention: the backward
+    # recomputes the chain.
     (k_in, v_in, nkw, nkb, nvw, nvb, bases, base_stages, masks, tables, factor_stages, queries,
      _stats, norm_eps, attn_eps) = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.lengths = (len(bases), len(masks))
     ctx.stages = (list(base_stages), list(factor_stages))
     ctx.eps = (norm_eps, attn_eps)
-    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, output[3], *bases, *masks,
-                          *tables)
+    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, output[3], output[0], *bases,
+                          *masks, *tables)
 
 
 def _backward_of(namespace: str):
     backward_op = getattr(torch.ops, namespace).slot_attention_pass_backward
 
     def backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
-        k_in, v_in, nkw, nkb, nvw, nvb, queries, stats, *lists = ctx.saved_tensors
+        k_in, v_in, nkw, nkb, nvw, nvb, queries, stats, attn, *lists = ctx.saved_tensors
         num_bases, num_factors = ctx.lengths
         bases = lists[:num_bases]
         masks = lists[num_bases:num_bases + num_factors]
@@ -320,7 +327,7 @@ def _backward_of(namespace: str):
         base_stages, factor_stages = ctx.stages
         grads = backward_op(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw,
                             nvb, bases, base_stages, masks, tables, factor_stages, queries,
-                            stats, *ctx.eps)
+                            stats, attn, *ctx.eps)
         (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
         return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
                 g_tables, _no_grad(factor_stages), g_queries, None, None, None)
