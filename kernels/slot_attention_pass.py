@@ -431,7 +431,8 @@ def slot_attention_pass_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_
                                  factor_stages, queries, stats, attn, norm_eps, attn_eps,
                                  launch=launch_kernel):
     # stats and attn (the forward's LayerNorm statistics and softmax) are only
-    # checked: the kernel recomputes them, from the k rows it holds anyway.
+    # checked: the kernel recomputes them from the rows it holds (reading attn
+    # instead is for a session with a GPU to measure).
     op = "slot_attention_pass_backward"
     grads = (grad_attn, grad_attn_sum, grad_attn_v)
     check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,

@@ -284,13 +284,17 @@ inline void row_dots(const T* rows, const T* x, int64_t K, int64_t C, T* out, in
 }
 
 // partial[i, :] += sum over `count` rows t of weights[i * weight_stride + t] *
-// rows[t, :] for K rows of weights and rows of C values: a group of up to four
-// weight rows and a block of channels at a time, their sums in registers over
-// the rows, so that each row of the partial is read and written once per call
-// (the table gradients of a tile's tokens).
-template <typename T>
+// rows[t, :] for K rows of weights and rows of C values `row_stride` apart (a
+// tile's A * v sums and query gradient, the table gradients of a tile's tokens): a
+// block of channels at a time, every group of up to four weight rows, their sums
+// in registers over the rows (eight or fewer independent accumulators, enough to
+// hide the latency of their FMAs), so that each row of the partial is read and
+// written once per call. step() runs once per block and group (a tile's
+// prefetches).
+template <typename T, typename Step>
 inline void weighted_row_sums(const T* weights, int64_t weight_stride, const T* rows,
-                              int64_t count, int64_t K, int64_t C, T* __restrict__ partial) {
+                              int64_t row_stride, int64_t count, int64_t K, int64_t C,
+                              T* __restrict__ partial, const Step& step) {
   for_each_block<T>(C, [&](int64_t c0, auto blk) {
     using Block = decltype(blk);
     using U = typename Block::Unit;
@@ -302,7 +306,7 @@ inline void weighted_row_sums(const T* weights, int64_t weight_stride, const T* 
       }
       for (int64_t t = 0; t < count; ++t) {
         U x[Block::kCapacity];
-        for (int64_t u = 0; u < blk.units; ++u) x[u] = load<U>(rows + t * C + c0 + u * S);
+        for (int64_t u = 0; u < blk.units; ++u) x[u] = load<U>(rows + t * row_stride + c0 + u * S);
         for (int g = 0; g < G; ++g) {
           const T a = weights[(i0 + g) * weight_stride + t];
           for (int64_t u = 0; u < blk.units; ++u) acc[g][u] += a * x[u];
@@ -312,6 +316,7 @@ inline void weighted_row_sums(const T* weights, int64_t weight_stride, const T* 
         T* dst = partial + (i0 + g) * C + c0;
         for (int64_t u = 0; u < blk.units; ++u) store(dst + u * S, load<U>(dst + u * S) + acc[g][u]);
       }
+      step();
     });
   });
 }

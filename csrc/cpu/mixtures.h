@@ -269,7 +269,8 @@ inline void finish_modulation_grads(const std::vector<Factor<T>>& factors,
         }
       });
     });
-    weighted_row_sums(f.weights(b, n0, N), N, gf, count, f.slots, C, table_partials[j]);
+    weighted_row_sums(f.weights(b, n0, N), N, gf, C, count, f.slots, C, table_partials[j],
+                      [] {});
   }
 }
 

@@ -326,12 +326,13 @@ inline void run_chain(const Pass<T>& p, int64_t b, int64_t n, Scratch<T>* s, Nor
 
 // x[i * Width + t] <- softmax over the K slots i of each of the Width columns t
 // (tokens: with the slots as rows, every step is a vector op over the tokens, in
-// GCC's vector types where Width is whole vectors: as loops over t the compiler
-// left the maximum and the normalisation one value at a time).
+// GCC's vector types: as loops over t the compiler left the maximum and the
+// normalisation one value at a time).
 template <int64_t Width, typename T>
 inline void softmax_columns(T* __restrict__ x, int64_t K) {
-  using V = std::conditional_t<Width % kVectorLanes<T> == 0, Vec<T>, T>;
-  constexpr int64_t L = std::is_same_v<V, T> ? 1 : kVectorLanes<T>;
+  using V = Vec<T>;
+  constexpr int64_t L = kVectorLanes<T>;
+  static_assert(Width % L == 0, "the columns are whole vectors");
   for (int64_t t = 0; t < Width; t += L) {
     V top = load<V>(x + t);
     for (int64_t i = 1; i < K; ++i) {
@@ -471,52 +472,22 @@ inline void tile_logits(Tile<T>& tile, const T* keys, int64_t count, int64_t C,
   }
 }
 
-// partial[i0 + g, c0 : c0 + W] += sum over the tile's `count` tokens t of
-// attn[i0 + g, t] * rows[t, c0 : c0 + W] for G slots and one block of W channels:
-// G slots x two vectors of channels in registers.
-template <int G, typename T>
-inline void slot_group_weighted_sums(const Tile<T>& tile, const T* __restrict__ v,
-                                     int64_t stride, int64_t count, int64_t i0, int64_t c0,
-                                     int64_t C, T* __restrict__ partial) {
-  constexpr int64_t W = kBlock<T>;
-  const T* __restrict__ a = tile.attn.data() + i0 * kTile;
-  T acc[G][W] = {};
-  for (int64_t t = 0; t < count; ++t) {
-    const T* v_t = v + t * stride + c0;
-    for (int64_t g = 0; g < G; ++g) {
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) acc[g][w] += a[g * kTile + t] * v_t[w];
-    }
-  }
-  const int64_t width = std::min(W, C - c0);
-  for (int64_t g = 0; g < G; ++g) {
-    T* __restrict__ dst = partial + (i0 + g) * C + c0;
-    for (int64_t w = 0; w < width; ++w) dst[w] += acc[g][w];
-  }
-}
-
-// The blocks tile_weighted_sums computes (slot_group_weighted_sums calls).
+// The blocks tile_weighted_sums computes (weighted_row_sums' steps).
 template <typename T>
 int64_t weighted_sum_blocks(int64_t K, int64_t C) {
+  static_assert(kSlotGroup == 4, "weighted_row_sums takes the slots four at a time");
   return (C + kBlock<T> - 1) / kBlock<T> * ((K + kSlotGroup - 1) / kSlotGroup);
 }
 
 // partial[i, :] += sum over the tile's `count` tokens t of attn[i, t] * rows[t, :]
-// (rows `stride` apart, readable up to C rounded up to kBlock), a group of up to
-// kSlotGroup slots at a time: eight (or fewer) independent accumulators, enough to
-// hide the latency of their FMAs. A block of channels at a time, every slot group
-// (as tile_logits takes its tokens). `ahead` steps once per block.
+// (rows `stride` apart), weighted_row_sums with the tile's A (or the logits'
+// gradients) as the weights; `ahead` steps once per block of channels and slot group.
 template <typename T>
 inline void tile_weighted_sums(const Tile<T>& tile, const T* rows, int64_t stride,
                                int64_t count, int64_t K, int64_t C, T* __restrict__ partial,
                                TilePrefetch<T>& ahead) {
-  static_assert(kSlotGroup == 4, "for_each_group_of_4 makes the groups");
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock<T>) {
-    for_each_group_of_4(K, [&]<int G>(int64_t i0) {
-      slot_group_weighted_sums<G>(tile, rows, stride, count, i0, c0, C, partial);
-      ahead.step();
-    });
-  }
+  weighted_row_sums(tile.attn.data(), kTile, rows, stride, count, K, C, partial,
+                    [&] { ahead.step(); });
 }
 
 // A LayerNorm folded into the attention that follows it. The hand-down keeps each

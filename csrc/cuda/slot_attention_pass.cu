@@ -609,8 +609,8 @@ slot_attention_pass_backward_cuda(
     check_shape(op, "grad_attn", grad_attn, {B, K, N}, "[B, K, N]");
     check_shape(op, "grad_attn_sum", grad_attn_sum, {B, K}, "[B, K]");
     check_shape(op, "grad_attn_v", grad_attn_v, {B, K, C}, "[B, K, C]");
-    // The forward's attn is only checked: a token's logits are a few products with
-    // its k row already in registers, cheaper here than K strided reads.
+    // The forward's attn is only checked: the kernel recomputes the softmax from the
+    // k row it holds (reading attn instead is for a session with a GPU to measure).
     check_float_cuda(op, "attn", attn, k_in.scalar_type(), "k_in", device);
     check_shape(op, "attn", attn, {B, K, N}, "[B, K, N] (the forward's attn)");
     const at::Tensor g_attn = grad_attn.contiguous();

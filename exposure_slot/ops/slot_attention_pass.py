@@ -25,9 +25,9 @@ iterations, its descendants) takes them as its ``stats`` input ([B, N, S, 4], an
 S <= D) and skips recomputing them; ``stats`` is a cache, not differentiable. The
 backward op takes the forward's ``stats`` and ``attn`` (the autograd formula saves
 them: D * 4 + K values a token; the CPU kernel reads the softmax from ``attn``
-rather than recomputing the logits) and recomputes everything else. The compiled kernels never write a [B, N, C]
-tensor: every stage is recomputed per token from ``k_in``, ``v_in``, the stage
-bases and the small [B, K_j, N] masks.
+rather than recomputing the logits) and recomputes everything else. The compiled
+kernels never write a [B, N, C] tensor: every stage is recomputed per token from
+``k_in``, ``v_in``, the stage bases and the small [B, K_j, N] masks.
 
 Arguments: ``norm_{k,v}_{weight,bias}`` [D, C] (row d is stage d); ``stage_bases``
 a list of [B, N, C] tensors and ``base_stages`` their stages, increasing (a stage
@@ -220,14 +220,15 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
                               or stats.shape[2] > depth or stats.shape[3] != 4):
         raise ValueError(f"{op}: stats must be [B, N, S, 4] = [{batch}, {tokens}, S <= {depth}, 4] "
                          f"(a previous pass's stats output), got shape {list(stats.shape)}")
+    shaped = []  # the backward's tensors of known shape
     if grads is not None:
-        expected = ([batch, slots, tokens], [batch, slots], [batch, slots, channels])
-        for name, g, shape in zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads, expected):
-            if list(g.shape) != shape:
-                raise ValueError(f"{op}: {name} must have shape {shape}, got {list(g.shape)}")
-    if attn is not None and list(attn.shape) != [batch, slots, tokens]:
-        raise ValueError(f"{op}: attn must have shape {[batch, slots, tokens]} (the forward's "
-                         f"attn: [B, K, N]), got {list(attn.shape)}")
+        shaped += zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads,
+                      ([batch, slots, tokens], [batch, slots], [batch, slots, channels]))
+    if attn is not None:
+        shaped.append(("attn", attn, [batch, slots, tokens]))
+    for name, t, shape in shaped:
+        if list(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {list(t.shape)}")
     return batch, tokens, channels, slots
 
 
