@@ -29,8 +29,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # nvcc's flags for csrc/cuda (IEEE math: no --use_fast_math). tests/test_cuda_sources.py
-# reads this list from here, so the compile test builds exactly what setup.py does.
+# reads this list from here (tests/compile_helpers.py), so the compile test builds
+# exactly what setup.py does.
 NVCC_FLAGS = ["-O3", "-DEXPOSURE_SLOT_CUDA"]
+# g++'s flags for csrc/*.cpp and csrc/cpu, before the instruction set's (extension());
+# tests/test_vectorisation.py reads them the same way. Hidden inline functions: the
+# kernels' calls of their shared helpers (dot_block, a tile's logits 12 calls a tile)
+# are direct calls, not through the PLT (level-3 slot-in-slot forward ~2% faster).
+CXX_FLAGS = ["-O3", "-fopenmp", "-g0", "-fvisibility-inlines-hidden", "-DEXPOSURE_SLOT_CPU"]
 
 
 def sources(pattern: str) -> list[str]:
@@ -55,11 +61,7 @@ def extension():
     default_arch = "-march=native" + (" -mprefer-vector-width=512"
                                       if platform.machine() in ("x86_64", "AMD64") else "")
     cpu_arch = os.environ.get("EXPOSURE_SLOT_CPU_ARCH", default_arch)
-    # Hidden inline functions: the kernels' calls of their shared helpers (dot_block, a
-    # tile's logits 12 calls a tile) are direct calls, not through the PLT (level-3
-    # slot-in-slot forward ~2% faster).
-    cxx_flags = ["-O3", "-fopenmp", "-g0", "-fvisibility-inlines-hidden", *cpu_arch.split(),
-                 "-DEXPOSURE_SLOT_CPU"]
+    cxx_flags = CXX_FLAGS + cpu_arch.split()
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     cuda_sources = sources("csrc/cuda/*.cu")
 

@@ -7,11 +7,11 @@ bandwidth measured in the same run). See README.md for the numbers."""
 from __future__ import annotations
 
 import functools
-import time
 
 import pytest
 import torch
 from conftest import is_short
+from traffic import copy_bandwidth
 
 from exposure_slot.ops import cpu_kernels_available, mask_fusion, mask_fusion_reference
 
@@ -39,20 +39,6 @@ def traffic(pass_name: str, slots: int, tokens: int) -> tuple[int, int]:
     return forward[0] + BYTES * n * (3 * c + 2 * k), forward[1] + n * c * (6 * k + 2)
 
 
-@functools.cache
-def copy_bandwidth(tokens: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` for one [1, N, C] float32 tensor
-    (read + write counted), the median of 21 copies."""
-    src = torch.randn(1, tokens, CHANNELS)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(21):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.nbytes / sorted(times)[len(times) // 2]
-
-
 def implementation(backend: str):
     if backend == "compiled":
         torch._dynamo.reset()  # each size compiles afresh, specialised (dynamic=False)
@@ -76,8 +62,9 @@ def run(benchmark, record, short, pass_name, backend, slots, tokens, target):
     bytes_moved, flops = traffic(pass_name, slots, tokens)
     benchmark.extra_info.update(bytes_moved=bytes_moved, flops=flops)
     record.time(benchmark, group, backend, target, rounds=3 if short else 30)
+    floor = bytes_moved / copy_bandwidth((1, tokens, CHANNELS))
     record.note(group, f"{bytes_moved / 1e6:.1f} MB, {flops / 1e6:.1f} MFLOP; floor at the "
-                       f"copy_ bandwidth: {bytes_moved / copy_bandwidth(tokens) * 1e3:.2f} ms")
+                       f"copy_ bandwidth: {floor * 1e3:.2f} ms")
 
 
 @pytest.mark.parametrize("backend", ["reference", "compiled", "cpu"])

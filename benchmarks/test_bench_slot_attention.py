@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from traffic import copy_bandwidth, tensor_traffic
 
 from exposure_slot import SlotInSlotAttention
 from exposure_slot.host_memory import peak_allocated_bytes
@@ -119,3 +120,11 @@ def test_forward_backward(benchmark, record, short, backend):
 
     group = f"slot-in-slot forward+backward, level 2, B={batch} N={tokens} C={CHANNELS} float32"
     record.time(benchmark, group, backend, forward_backward, rounds=3 if short else 10)
+    if backend != "compiled":  # the compiled step's ops are not dispatched one by one
+        by_op = tensor_traffic(forward_backward)
+        total = sum(by_op.values())
+        largest = ", ".join(f"{name} {moved / 1e6:.0f}" for name, moved in by_op.most_common(3))
+        floor = total / copy_bandwidth(tuple(k.shape))
+        record.note(group, f"{backend}: its ops' tensors moved {total / 1e6:.0f} MB a step "
+                           f"({largest}); at the copy_ bandwidth of a [B, N, C] tensor "
+                           f"{floor * 1e3:.1f} ms")

@@ -20,34 +20,22 @@ Skips, with the reason, when nvcc is not installed.
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 import shutil
 import subprocess
 import sysconfig
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch.utils.cpp_extension
+from compile_helpers import ROOT, compile_each, setup_flags
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = ("80", "90")
 
-
-
-def setup_nvcc_flags() -> list[str]:
-    """setup.py's NVCC_FLAGS, read without running setup.py."""
-    for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NVCC_FLAGS":
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no NVCC_FLAGS list")
-
-
 # setup.py's nvcc flags, and the ones torch's BuildExtension adds to every .cu file.
-NVCC_FLAGS = setup_nvcc_flags() + [
+NVCC_FLAGS = setup_flags("NVCC_FLAGS") + [
     "-std=c++20",
     "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-D__CUDA_NO_HALF_OPERATORS__",
     "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -95,9 +83,7 @@ def compile_one(source: Path, out_dir: Path) -> tuple[Path, subprocess.Completed
 def objects(tmp_path_factory):
     """{source name: (object file, nvcc's result)}, compiled in parallel."""
     out_dir = tmp_path_factory.mktemp("cuda_objects")
-    with ThreadPoolExecutor(max_workers=max(1, min(len(SOURCES), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda s: compile_one(s, out_dir), SOURCES))
-    return {s.name: r for s, r in zip(SOURCES, results)}
+    return compile_each(SOURCES, lambda source: compile_one(source, out_dir))
 
 
 def test_there_are_cuda_sources():
