@@ -1,18 +1,20 @@
-"""The CPU kernels' channel loops run in full-width vectors: g++'s vectorisation
-report on csrc/cpu, compiled as setup.py builds it on this machine (its CXX_FLAGS
-and default instruction set, ``-march=native -mprefer-vector-width=512``).
+"""The CPU kernels' channel loops run in full-width vectors on the two x86-64 targets
+that matter: AVX-512 servers (``-march=x86-64-v4``, 64-byte vectors) and AVX2
+laptops (``-march=x86-64-v3``, 32-byte vectors). Each file of csrc/cpu is compiled
+for both as setup.py builds it (its CXX_FLAGS, ``-mprefer-vector-width=512``) and
+g++'s vectorisation report checked; compiling needs no such CPU, so the test runs on
+any x86-64 machine with g++ (it skips elsewhere, saying why).
 
 The kernels are vectorised two ways, and each gets its check:
-- Most channel loops are written over blocks of GCC vector types (``Vec<T>``, 64
-  bytes, csrc/cpu/common.h). GCC lowers an operation on a type wider than the
-  target's registers piecewise and says so under ``-Wvector-operation-performance``:
-  no such warning may come from our sources.
+- Most channel loops are written over blocks of GCC vector types (``Vec<T>``, one
+  register of the target, csrc/cpu/common.h). GCC lowers an operation on a type
+  wider than the target's registers piecewise, through the stack, and says so
+  under ``-Wvector-operation-performance``: no such warning may come from our
+  sources. (With 64-byte vectors on AVX2 the kernels ran 8-11x slower.)
 - The plain loops the compiler is asked to vectorise (``#pragma omp simd``) must be
-  reported vectorised with 64-byte vectors (``-fopt-info-vec-optimized``), for the
-  float and double kernels alike.
+  reported vectorised with the target's full vectors (``-fopt-info-vec-optimized``),
+  for the float and double kernels alike.
 
-Needs g++ and an x86-64 CPU with AVX-512 (on AVX2 every 64-byte vector operation
-is split in two, which GCC reports the same way); skips, saying which, otherwise.
 benchmarks/README.md ("Vectorisation report") has the command to see the whole
 report and what it says.
 """
@@ -20,6 +22,7 @@ report and what it says.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -32,51 +35,54 @@ from compile_helpers import ROOT, compile_each, setup_flags
 
 SOURCES = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
 HEADERS = sorted((ROOT / "csrc" / "cpu").glob("*.h"))
-# setup.py's default instruction set on x86-64, and what torch's BuildExtension adds.
+# setup.py's flags on x86-64 but the instruction set, and what torch's BuildExtension adds.
 CXX_FLAGS = setup_flags("CXX_FLAGS") + [
-    "-march=native", "-mprefer-vector-width=512", "-std=c++20", "-fPIC",
+    "-mprefer-vector-width=512", "-std=c++20", "-fPIC",
     "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
 ]
+# Instruction set -> the bytes of its vectors.
+TARGETS = {"x86-64-v4": 64, "x86-64-v3": 32}
 
-
-def has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
+# Loops under `#pragma omp simd` that g++ leaves scalar for a target, by (target,
+# file, a fragment of the loop's text): each must stay scalar (the test says when it
+# is fixed) and say why it is allowed.
+KNOWN_SCALAR = {
+    ("x86-64-v3", "csrc/cpu/slot_update.cpp", "sigmoid("):
+        "the GRU's gates: g++ threads exp_nonpositive's clamp into a branch that AVX2 "
+        "cannot if-convert; K x C values an update (~1 us), inference only",
+}
 
 GXX = shutil.which("g++")
 pytestmark = [
     pytest.mark.skipif(GXX is None, reason="g++ not found: the report is g++'s"),
-    pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512: its 64-byte "
-                                                "vectors are split by design"),
+    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                       reason=f"the targets are x86-64's; this is {platform.machine()}"),
 ]
 
 
-def compile_one(source: Path, out_dir: Path) -> tuple[subprocess.CompletedProcess, str]:
+def compile_one(source: Path, target: str, out_dir: Path) -> tuple[subprocess.CompletedProcess, str]:
     """g++'s result (its warnings in stderr) and its report of vectorised loops."""
-    report = out_dir / (source.stem + ".vec.txt")
+    report = out_dir / f"{source.stem}.{target}.vec.txt"
     # Torch's headers as system headers: their own warnings are not ours to judge.
     includes = [f"-isystem{p}" for p in torch.utils.cpp_extension.include_paths()]
     includes.append(f"-isystem{sysconfig.get_paths()['include']}")
     cmd = [GXX, "-c", str(source.relative_to(ROOT)),  # reported as csrc/cpu/...
-           "-o", os.devnull, *CXX_FLAGS, *includes,
+           "-o", os.devnull, f"-march={target}", *CXX_FLAGS, *includes,
            "-Wvector-operation-performance", f"-fopt-info-vec-optimized={report}"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     return result, report.read_text() if report.is_file() else ""
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    """{source name: (g++'s result, report)}, compiled in parallel."""
+@pytest.fixture(scope="module", params=list(TARGETS))
+def compiled(request, tmp_path_factory):
+    """(target, {source name: (g++'s result, report)}), compiled in parallel."""
     out_dir = tmp_path_factory.mktemp("vectorisation")
-    return compile_each(SOURCES, lambda source: compile_one(source, out_dir))
+    target = request.param
+    return target, compile_each(SOURCES, lambda source: compile_one(source, target, out_dir))
 
 
-def simd_loops() -> list[tuple[str, int, int]]:
-    """(file, first line, last line) of every loop under ``#pragma omp simd``."""
+def simd_loops() -> list[tuple[str, int, int, str]]:
+    """(file, first line, last line, text) of every loop under ``#pragma omp simd``."""
     loops = []
     for path in SOURCES + HEADERS:
         lines = path.read_text().splitlines()
@@ -93,7 +99,8 @@ def simd_loops() -> list[tuple[str, int, int]]:
             else:
                 while not lines[last].rstrip().endswith(";"):
                     last += 1
-            loops.append((f"csrc/cpu/{path.name}", first + 1, last + 1))
+            loops.append((f"csrc/cpu/{path.name}", first + 1, last + 1,
+                          "\n".join(lines[first:last + 1])))
     return loops
 
 
@@ -103,21 +110,32 @@ def test_there_are_simd_loops():
 
 @pytest.mark.parametrize("source", [s.name for s in SOURCES])
 def test_no_piecewise_vector_operations(compiled, source):
-    result, _ = compiled[source]
-    assert result.returncode == 0, f"g++ failed on {source}:\n{result.stderr}"
+    target, results = compiled
+    result, _ = results[source]
+    assert result.returncode == 0, f"g++ -march={target} failed on {source}:\n{result.stderr}"
     piecewise = sorted({line for line in result.stderr.splitlines()
                         if "-Wvector-operation-performance" in line})
-    assert not piecewise, "vector operations lowered piecewise:\n" + "\n".join(piecewise)
+    assert not piecewise, (f"vector operations lowered piecewise for {target}:\n"
+                           + "\n".join(piecewise))
 
 
 @pytest.mark.parametrize("loop", simd_loops(), ids=lambda loop: f"{loop[0]}:{loop[1]}")
 def test_simd_loop_is_vectorised(compiled, loop):
-    name, first, last = loop
+    target, results = compiled
+    name, first, last, text = loop
     # A header's loop is reported once per source that instantiates it.
-    reports = "\n".join(report for _, report in compiled.values())
+    reports = "\n".join(report for _, report in results.values())
     found = [int(line) for line in re.findall(
-        rf"^{re.escape(name)}:(\d+):\d+: optimized: loop vectorized using 64 byte vectors",
-        reports, flags=re.MULTILINE)]
-    assert any(first <= line <= last for line in found), (
+        rf"^{re.escape(name)}:(\d+):\d+: optimized: loop vectorized using "
+        rf"{TARGETS[target]} byte vectors", reports, flags=re.MULTILINE)]
+    vectorised = any(first <= line <= last for line in found)
+    known = next((why for (t, f, fragment), why in KNOWN_SCALAR.items()
+                  if (t, f) == (target, name) and fragment in text), None)
+    if known is not None:
+        assert not vectorised, (f"{name}:{first} is vectorised for {target} now: remove it "
+                                f"from KNOWN_SCALAR")
+        pytest.xfail(f"known scalar for {target}: {known}")
+    assert vectorised, (
         f"the loop at {name}:{first}-{last} under `#pragma omp simd` is not vectorised "
-        f"with 64-byte vectors; see `g++ -fopt-info-vec-all` (benchmarks/README.md)")
+        f"with {TARGETS[target]}-byte vectors for {target}; see `g++ -fopt-info-vec-all` "
+        f"(benchmarks/README.md)")

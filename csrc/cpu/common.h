@@ -27,16 +27,36 @@
 
 namespace exposure_slot::cpu {
 
+// One vector register of the target: 64 bytes with AVX-512, 32 with AVX2 (most
+// laptops), 16 otherwise. Every vector type and width below is a number of these:
+// GCC lowers a vector type wider than the target's registers through the stack, a
+// piece at a time, and the kernels built for AVX2 with 64-byte vectors ran 8-11x
+// slower than with 32-byte ones (benchmarks/README.md, "Vectorisation report").
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
+template <typename T>
+constexpr int64_t kVectorLanes = kVectorBytes / sizeof(T);
+// The vector registers a register tile may plan on: AVX-512 has 32, AVX2 16.
+#if defined(__AVX512F__)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 // Sums over a token's C channels (LayerNorm statistics). A plain loop (or `omp simd
 // reduction`) keeps one vector accumulator, so each sum is a chain of C/16
 // dependent adds, and a token's several such sums made the kernels latency-bound.
-// kLanes independent partial sums (four AVX-512 registers) cut the chain to
-// C/kLanes, then fold as a tree. The order of additions is fixed by the code, so
-// results are reproducible bit for bit. (Dot products: dot_block, below.)
+// kLanes independent partial sums (four registers) cut the chain to C/kLanes, then
+// fold as a tree. The order of additions is fixed by the code, so results are
+// reproducible bit for bit (for one build: the vector width sets the order). (Dot
+// products: dot_block, below.)
 template <typename T>
-constexpr int64_t kLanes = 256 / sizeof(T);
-template <typename T>
-constexpr int64_t kVectorLanes = 64 / sizeof(T);  // one AVX-512 register
+constexpr int64_t kLanes = 4 * kVectorLanes<T>;
 
 // acc[0, kVectorLanes) += the rest, by halving: every step has a compile-time
 // width, so each is one or two vector adds instead of a scalar loop.
@@ -93,19 +113,19 @@ using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
 // Blocks of channels. Per-token loops over C go block by block, and everything a
 // block needs from stage to stage (a modulation, a LayerNorm output) stays in
-// registers. A full block is kBlock<T> values: two AVX-512 registers of float (one
-// pair of double), enough independent work to hide the multiply-add latency,
-// few enough to leave registers for the rest. Full blocks are arrays of GCC vector
-// types with a compile-time length, which the compiler keeps in registers (arrays
-// of T indexed in runtime loops went through the stack and stalled on store
-// forwarding); the last, partial block runs the same code on single values.
+// registers. A full block is kBlock<T> values: two registers, enough independent
+// work to hide the multiply-add latency, few enough to leave registers for the
+// rest. Full blocks are arrays of GCC vector types with a compile-time length,
+// which the compiler keeps in registers (arrays of T indexed in runtime loops went
+// through the stack and stalled on store forwarding); the last, partial block runs
+// the same code on single values.
 template <typename T>
-constexpr int64_t kBlock = 128 / sizeof(T);
+constexpr int64_t kBlock = 2 * kVectorLanes<T>;
 
 template <typename T>
 struct VectorOf {
-  typedef T type __attribute__((vector_size(64)));
-  typedef T unaligned __attribute__((vector_size(64), aligned(alignof(T)), may_alias));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  typedef T unaligned __attribute__((vector_size(kVectorBytes), aligned(alignof(T)), may_alias));
 };
 template <typename T>
 using Vec = typename VectorOf<T>::type;
@@ -353,19 +373,20 @@ inline X exp_nonpositive(X x) {
   constexpr int kTerms = std::is_same_v<T, float> ? 7 : 13;
   const X lowest = X{} + T(std::numeric_limits<T>::min_exponent - 1) / kLog2e;
   x = x < lowest ? lowest : x;  // std::max's result, for a vector too
-  const X n = (x * kLog2e + kRound) - kRound;
+  const X rounded = x * kLog2e + kRound;  // n in its low mantissa bits
+  const X n = rounded - kRound;
   const X r = (x - n * kLn2Hi) - n * kLn2Lo;
   // Horner's rule on the coefficients 1/k! (a division per term would cost a
   // vdivps each, 16 cycles per vector).
   constexpr std::array<T, kTerms + 1> kCoefficients = inverse_factorials<T, kTerms>();
   X poly = X{} + kCoefficients[kTerms];
+#pragma GCC unroll 16
   for (int k = kTerms - 1; k >= 0; --k) poly = poly * r + kCoefficients[k];
-  if constexpr (std::is_arithmetic_v<X>) {
-    return poly * std::bit_cast<T>(static_cast<Bits>((static_cast<Bits>(n) + kBias) << kMantissaBits));
-  } else {
-    using BitsVec = typename VectorOf<Bits>::type;
-    return poly * std::bit_cast<X>((__builtin_convertvector(n, BitsVec) + kBias) << kMantissaBits);
-  }
+  // n as an integer: the bits of `rounded` less kRound's (no float-to-integer
+  // conversion, which AVX2 lacks for double).
+  using BitsOfX = std::conditional_t<std::is_arithmetic_v<X>, Bits, typename VectorOf<Bits>::type>;
+  const BitsOfX n_bits = std::bit_cast<BitsOfX>(rounded) - std::bit_cast<Bits>(kRound);
+  return poly * std::bit_cast<X>((n_bits + kBias) << kMantissaBits);
 }
 
 // Below this many multiply-adds, starting a parallel region costs more than it saves.

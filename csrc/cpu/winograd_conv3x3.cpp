@@ -226,8 +226,10 @@ __attribute__((always_inline)) inline void product_tile(const T* V, const T* U, 
 template <typename T, int Width>
 void products(const Geometry& g, const T* V, const T* U, int64_t count, T* Y) {
   constexpr int64_t L = kVectorLanes<T>;
-  // 28 accumulators and 4 registers for u and a; at Width 4, 24 (28 spill one).
-  constexpr int Rows = Width == 4 ? 6 : 28 / Width;
+  // Accumulators in all the registers but 4 (for u and a): 28 of AVX-512's 32 (at
+  // Width 4, 24: 28 spill one), 12 of AVX2's 16.
+  constexpr int kAccumulators = kVectorRegisters - 4;
+  constexpr int Rows = Width == 4 && kVectorRegisters == 32 ? 6 : kAccumulators / Width;
   const int64_t ci = g.in_channels, co = g.out_channels;
   for (int64_t p = 0; p < kPoints; ++p) {
     const T* Up = U + p * ci * co;
@@ -339,6 +341,9 @@ Geometry check_and_measure(const char* op, const at::Tensor& x, const at::Tensor
   TORCH_CHECK(x.dim() == 4, op, ": x must be [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(unshuffle == 1 || unshuffle == 2, op, ": unshuffle must be 1 or 2, got ", unshuffle);
   TORCH_CHECK(shuffle == 1 || shuffle == 2, op, ": shuffle must be 1 or 2, got ", shuffle);
+  // The widest build's vector (AVX-512), whatever this build's: which layers run here
+  // must not depend on the machine the extension was built for.
+  static_assert(64 % kVectorBytes == 0);
   const int64_t lanes = 64 / x.element_size();
   Geometry g{};
   g.batch = x.size(0);
