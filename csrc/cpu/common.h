@@ -32,21 +32,19 @@ namespace exposure_slot::cpu {
 // GCC lowers a vector type wider than the target's registers through the stack, a
 // piece at a time, and the kernels built for AVX2 with 64-byte vectors ran 8-11x
 // slower than with 32-byte ones (benchmarks/README.md, "Vectorisation report").
+// kVectorRegisters: how many such registers a register tile may plan on.
 #if defined(__AVX512F__)
 constexpr int64_t kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
 #elif defined(__AVX__)
 constexpr int64_t kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
 #else
 constexpr int64_t kVectorBytes = 16;
+constexpr int kVectorRegisters = 16;
 #endif
 template <typename T>
 constexpr int64_t kVectorLanes = kVectorBytes / sizeof(T);
-// The vector registers a register tile may plan on: AVX-512 has 32, AVX2 16.
-#if defined(__AVX512F__)
-constexpr int kVectorRegisters = 32;
-#else
-constexpr int kVectorRegisters = 16;
-#endif
 
 // Sums over a token's C channels (LayerNorm statistics). A plain loop (or `omp simd
 // reduction`) keeps one vector accumulator, so each sum is a chain of C/16
