@@ -87,20 +87,24 @@ void layer_norm_row(const T* x, int64_t C, const T* weight, const T* bias, T eps
   for (int64_t c = 0; c < C; ++c) out[c] = (x[c] - mean) * rstd * weight[c] + bias[c];
 }
 
-// The GRU's gate functions through exp(-|x|) (common.h's exp_nonpositive, which
-// vectorises; libm's exp and tanh are a call per value, and were most of the
-// op's time): never an overflow, and tanh keeps its absolute accuracy near 0.
-template <typename T>
-inline T sigmoid(T x) {
-  const T e = exp_nonpositive(-std::abs(x));
-  const T s = T(1) / (T(1) + e);
-  return x >= T(0) ? s : e * s;
+// The GRU's gate functions through exp(-|x|) (common.h's exp_nonpositive; libm's
+// exp and tanh are a call per value, and were most of the op's time): never an
+// overflow, and tanh keeps its absolute accuracy near 0. On a value or a whole
+// vector (X = T or Vec<T>): written as a loop of scalars, g++ left the gates
+// unvectorised for AVX2 (benchmarks/README.md, "Vectorisation report").
+template <typename X>
+inline X sigmoid(X x) {
+  const X negative_abs = x < 0 ? x : -x;
+  const X e = exp_nonpositive(negative_abs);
+  const X s = 1 / (1 + e);
+  return x >= 0 ? s : e * s;
 }
 
-template <typename T>
-inline T tanh_of(T x) {
-  const T e = exp_nonpositive(T(-2) * std::abs(x));
-  return std::copysign((T(1) - e) / (T(1) + e), x);
+template <typename X>
+inline X tanh_of(X x) {
+  const X e = exp_nonpositive(2 * (x < 0 ? x : -x));
+  const X magnitude = (1 - e) / (1 + e);
+  return x < 0 ? -magnitude : magnitude;
 }
 
 // The level's parameters, contiguous.
@@ -146,13 +150,17 @@ void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Wei
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r) {
       const T *i = gi.data() + r * 3 * C, *g = gh.data() + r * 3 * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T reset = sigmoid(i[c] + g[c]);
-        const T keep = sigmoid(i[C + c] + g[C + c]);
-        const T candidate = tanh_of(i[2 * C + c] + reset * g[2 * C + c]);
-        h[r * C + c] = (T(1) - keep) * candidate + keep * slots[r * C + c];
-      }
+      for_each_block<T>(C, [&](int64_t c0, auto blk) {
+        using U = typename decltype(blk)::Unit;
+        constexpr int64_t S = decltype(blk)::kStride;
+        for (int64_t unit = 0; unit < blk.units; ++unit) {
+          const int64_t c = c0 + unit * S;
+          const U reset = sigmoid(load<U>(i + c) + load<U>(g + c));
+          const U keep = sigmoid(load<U>(i + C + c) + load<U>(g + C + c));
+          const U candidate = tanh_of(load<U>(i + 2 * C + c) + reset * load<U>(g + 2 * C + c));
+          store(h.data() + r * C + c, (1 - keep) * candidate + keep * load<U>(slots + r * C + c));
+        }
+      });
       layer_norm_row(h.data() + r * C, C, p(w.norm_pre_ff_weight), p(w.norm_pre_ff_bias), eps,
                      normed.data() + r * C);
     }
