@@ -289,15 +289,21 @@ inline void for_each_group_of_4(int64_t K, const Body& body) {
   }
 }
 
-// out[i * stride] = rows_i . x for K rows of C values (a token's slot logits, its
-// mask gradients), a group of up to four rows at a time: dot_block loads x's
-// vectors once per group and keeps one accumulator per row.
+// out[i * stride + t] = rows_i . xs_t for K rows and `count` xs of C values each (a
+// token's g_v dots; a tile's mask gradients), in blocks of up to four rows by up to
+// four xs: dot_block loads each block's vectors once and keeps one accumulator per
+// pair.
 template <typename T>
-inline void row_dots(const T* rows, const T* x, int64_t K, int64_t C, T* out, int64_t stride) {
-  for_each_group_of_4(K, [&]<int G>(int64_t i0) {
-    T dots[G][1];
-    dot_block<G, 1>(rows + i0 * C, x, C, dots);
-    for (int64_t g = 0; g < G; ++g) out[(i0 + g) * stride] = dots[g][0];
+inline void row_dots(const T* rows, const T* xs, int64_t K, int64_t count, int64_t C, T* out,
+                     int64_t stride) {
+  for_each_group_of_4(count, [&]<int R>(int64_t t0) {
+    for_each_group_of_4(K, [&]<int G>(int64_t i0) {
+      T dots[G][R];
+      dot_block<G, R>(rows + i0 * C, xs + t0 * C, C, dots);
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t r = 0; r < R; ++r) out[(i0 + g) * stride + t0 + r] = dots[g][r];
+      }
+    });
   });
 }
 

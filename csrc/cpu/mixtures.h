@@ -18,7 +18,7 @@
 //   grad_table_j[tb,i,c] += masks_j[b,i,n] * gf_j[c]     (into a per-chunk partial)
 // The last two are products over a tile of kTile tokens (common.h): the tokens'
 // gf_j rows are kept, then the tile's mask gradients are a [K_j, C] x [C, tile]
-// product (dot_block) and its table gradients a [K_j, tile] x [tile, C] one
+// product (row_dots) and its table gradients a [K_j, tile] x [tile, C] one
 // (weighted_row_sums), rather than K_j dots and K_j row updates per token.
 //
 // Layout: masks [B,K,N] contiguous, so a token's K weights lie N apart; tables
@@ -258,17 +258,7 @@ inline void finish_modulation_grads(const std::vector<Factor<T>>& factors,
   for (int64_t j = m.begin; j < m.end; ++j) {
     const Factor<T>& f = factors[j];
     const T* gf = grad.rows(j, 0);
-    const T* table = f.rows(b, C);
-    T* g_masks = grad_masks[j] + b * f.slots * N + n0;
-    for_each_group_of_4(count, [&]<int R>(int64_t t0) {
-      for_each_group_of_4(f.slots, [&]<int G>(int64_t i0) {
-        T dots[G][R];
-        dot_block<G, R>(table + i0 * C, gf + t0 * C, C, dots);
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t r = 0; r < R; ++r) g_masks[(i0 + g) * N + t0 + r] = dots[g][r];
-        }
-      });
-    });
+    row_dots(f.rows(b, C), gf, f.slots, count, C, grad_masks[j] + b * f.slots * N + n0, N);
     weighted_row_sums(f.weights(b, n0, N), N, gf, C, count, f.slots, C, table_partials[j],
                       [] {});
   }

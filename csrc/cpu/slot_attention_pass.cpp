@@ -964,7 +964,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
 
           // Through the softmax: g_a becomes the logits' gradient gl, kept in the tile
           // for the query gradient (a product over the tile's tokens, below).
-          row_dots(gv_b, v, K, C, g_a.data(), 1);
+          row_dots(gv_b, v, K, 1, C, g_a.data(), 1);
           T weighted = 0;
           for (int64_t i = 0; i < K; ++i) {
             g_a[i] += g_attn[(b * K + i) * N + n] + g_sum[b * K + i];
