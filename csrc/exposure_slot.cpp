@@ -75,6 +75,33 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor child_attn_sum, Tensor child_attn_v)",
       {at::Tag::pt2_compliant_tag});
 
+  // A parent level's pass in training: slot_attention_pass, and its child's input
+  // rows, rows_k = k * pf and rows_v = v * pf [B,N,C] with k, v the chain's output
+  // (the pass's attention's input) and pf = sum_i attn_i * prompts_i, per token. As
+  // for the hand-down above, the norms have the child's row ([D + 1, C]) and stats
+  // the statistics of the child's first LayerNorm (its input is the rows); the
+  // backward takes the rows' gradients too and returns the prompts' as well.
+  m.def(
+      "slot_attention_pass_rows(Tensor k_in, Tensor v_in, Tensor norm_k_weight, "
+      "Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, Tensor[] stage_bases, "
+      "int[] base_stages, Tensor[] factor_masks, Tensor[] factor_tables, "
+      "int[] factor_stages, Tensor queries, Tensor? stats, float norm_eps, float attn_eps, "
+      "Tensor prompts) -> (Tensor attn, Tensor attn_sum, Tensor attn_v, Tensor stats, "
+      "Tensor rows_k, Tensor rows_v)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "slot_attention_pass_rows_backward(Tensor grad_attn, Tensor grad_attn_sum, "
+      "Tensor grad_attn_v, Tensor grad_rows_k, Tensor grad_rows_v, Tensor k_in, Tensor v_in, "
+      "Tensor norm_k_weight, Tensor norm_k_bias, Tensor norm_v_weight, Tensor norm_v_bias, "
+      "Tensor[] stage_bases, int[] base_stages, Tensor[] factor_masks, "
+      "Tensor[] factor_tables, int[] factor_stages, Tensor queries, Tensor? stats, "
+      "Tensor attn, float norm_eps, float attn_eps, Tensor prompts) -> (Tensor grad_k_in, "
+      "Tensor grad_v_in, Tensor grad_norm_k_weight, Tensor grad_norm_k_bias, "
+      "Tensor grad_norm_v_weight, Tensor grad_norm_v_bias, Tensor[] grad_stage_bases, "
+      "Tensor[] grad_factor_masks, Tensor[] grad_factor_tables, Tensor grad_queries, "
+      "Tensor grad_prompts)",
+      {at::Tag::pt2_compliant_tag});
+
   // A slot level's update between two passes, for inference: from the slots
   // [B,K,C] and the pass's attn_sum [B,K] and attn_v [B,K,C], the GRU, the
   // refining MLP (pre-LayerNorm, residual) and the next pass's queries

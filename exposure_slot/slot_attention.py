@@ -10,15 +10,20 @@ Two implementations of the same computation:
 
 - backend "reference" runs SPEC literally in PyTorch, materialising every modulated
   k and v (the oracle of every test);
-- the fused backends never materialise a modulated or normalised k or v in
-  training. Every per-token quantity SPEC multiplies into k and v, and both
+- the fused backends never materialise a modulated or normalised k or v of a
+  level's own. Every per-token quantity SPEC multiplies into k and v, and both
   outputs, are products of "mixtures" (per-slot vectors weighted by a level's
   attention, [B, K, N] masks and a [K, C] table). The fused path keeps them
   symbolic, as lists of (masks, table) factors, and hands them to two ops:
   ``slot_attention_pass`` (a level's attention, with the chain of LayerNorms and
   modulations from the top level's inputs recomputed per token) and
   ``mask_fusion`` (a product of mixtures, for a level's running modulation and the
-  two outputs). Under inference on "cpu" the whole forward is one op,
+  two outputs). In training on "cpu" a level with a child hands the child its
+  input rows k * pf and v * pf ([B, N, C] each, once per call of the child:
+  ``slot_attention_pass_rows``), so that every pass runs one stage, its level's
+  own LayerNorm and modulation, over its level's input (the GPU backends recompute
+  the chain from the top level's inputs in every pass). Under inference on "cpu"
+  the whole forward is one op,
   ``slot_in_slot_inference``, which runs this schedule in C++ (no Python between
   its kernel calls) with more fusions: a level with a child hands the child its
   input rows k * pf and v * pf (one [B, N, C] pair for the whole forward, updated
@@ -187,29 +192,41 @@ class SlotInSlotAttention(nn.Module):
         # builds their arguments, and checks here what it cannot vouch for.
         self._check_dtype(k_in, backend)
         stacked = stacked_norms(self.levels)
-        # Per depth, once per forward: the LayerNorms of the stages down to it.
-        norms = [[n[:depth + 1] for n in stacked] for depth in range(len(self.levels))]
         # Every call of a level starts from its slots_mu: its first queries, once
         # per forward rather than once per call (13 calls at level 3).
         first_queries = [level.to_q(level.norm_slots(level.slots_mu)) * level.scale
                          for level in self.levels]
         prompt_factors, slot_factors, masks = self._fused_level(
-            0, [], None, k_in, v_in, norms, first_queries, backend)
+            0, [], None, k_in, v_in, stacked, first_queries, backend)
         prompt_map = ops.mask_fusion(*zip(*prompt_factors), backend=backend, validate_args=False)
         slot_map = ops.mask_fusion(*zip(*slot_factors), backend=backend, validate_args=False)
         return prompt_map, slot_map, masks
 
-    def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, norms,
+    def _fused_level(self, depth: int, chain: list[tuple], parent_stats, k_in, v_in, stacked,
                      first_queries, backend: str):
-        """The level at ``depth`` on the fused ops. ``chain[d] = (base, factors)`` is
-        what ancestor d multiplies into the tokens it hands down: its running
-        modulation (a [B, N, C] tensor, or None for 1) and (masks, table) factors;
-        ``parent_stats`` caches the LayerNorm statistics of the ancestors' stages;
-        ``norms[depth]`` is the pass's LayerNorms and ``first_queries[depth]`` ([1,
-        K, C]) the queries of its slots_mu, where every call of the level starts.
-        Returns the level's pair (a, b) as factor lists, and its masks."""
+        """The level at ``depth`` on the fused ops. Its input is ``k_in``, ``v_in``
+        seen through the stages of ``chain``: ``chain[i] = (base, factors)`` is what
+        the i-th ancestor from ``k_in``'s level multiplies into the tokens it hands
+        down: its running modulation (a [B, N, C] tensor, or None for 1) and (masks,
+        table) factors; ``parent_stats`` caches the LayerNorm statistics of those
+        stages; ``stacked`` is every level's LayerNorms ([L, C] each) and
+        ``first_queries[depth]`` ([1, K, C]) the queries of its slots_mu, where every
+        call of the level starts. The GPU backends hand the chain down and every pass
+        recomputes it per token from the top level's input. In training the cpu
+        backend (which _run_fused runs in training only) instead has each parent's
+        pass hand its child its input rows ``k * pf``, ``v * pf``
+        (``slot_attention_pass_rows``), so that ``chain`` is always empty and every
+        pass runs one stage: a pass's chain, and its backward's, cost more with each
+        stage, and a child's passes (three per call) would each recompute and
+        differentiate the same ancestors' stages. Returns the level's pair (a, b) as
+        factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
+        norms = [n[depth - len(chain):depth + 1] for n in stacked]
+        # A pass handing down rows takes its child's LayerNorm too (its stats output
+        # ends with the statistics of the rows, the child's first stage).
+        rows_norms = ([n[depth:depth + 2] for n in stacked]
+                      if backend == "cpu" and has_child else None)
         running = None  # this level's modulation of its k and v: prod of pf * b_c so far
         stats = parent_stats  # after the first pass, also this level's own stage
         slots = level.slots_mu.expand(k_in.shape[0], -1, -1)
@@ -227,14 +244,16 @@ class SlotInSlotAttention(nn.Module):
             return ops.mask_fusion(masks, tables, base, backend=backend, validate_args=False)
 
         for iteration in range(self.iters):
-            stages = chain + [(running, [])]
-            factors = [f for _, stage_factors in stages for f in stage_factors]
-            attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
-                k_in, v_in, *norms[depth], [base for base, _ in stages],
-                [m for m, _ in factors], [t for _, t in factors],
-                [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors],
-                queries, stats, level.norm_k_inp.eps, EPS, backend=backend,
-                validate_args=False)
+            stages = _stage_args(chain + [(running, [])])
+            if rows_norms is not None:
+                attn, attn_sum, attn_v, stats, child_k, child_v = ops.slot_attention_pass_rows(
+                    k_in, v_in, *rows_norms, *stages, queries, stats, level.norm_k_inp.eps, EPS,
+                    level.prompts, backend=backend, validate_args=False)
+                stats, child_stats = stats[:, :, :-1], stats[:, :, -1:]
+            else:
+                attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
+                    k_in, v_in, *norms, *stages, queries, stats, level.norm_k_inp.eps, EPS,
+                    backend=backend, validate_args=False)
             slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
             queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
@@ -248,9 +267,14 @@ class SlotInSlotAttention(nn.Module):
                     handed_down = (running, [])
                 else:
                     handed_down = (running, [pf])
-                child_a, child_b, child_masks = self._fused_level(
-                    depth + 1, chain + [handed_down], stats, k_in, v_in, norms,
-                    first_queries, backend)
+                if rows_norms is not None:
+                    child_a, child_b, child_masks = self._fused_level(
+                        depth + 1, [], child_stats, child_k, child_v, stacked, first_queries,
+                        backend)
+                else:
+                    child_a, child_b, child_masks = self._fused_level(
+                        depth + 1, chain + [handed_down], stats, k_in, v_in, stacked,
+                        first_queries, backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 running = fuse_into(running, child_b if inference else [pf] + child_b)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
@@ -270,3 +294,12 @@ class SlotInSlotAttention(nn.Module):
                 raise ValueError(
                     f"{name} is {t.dtype} on {t.device} but the module's parameters are "
                     f"{param.dtype} on {param.device}; cast one to match (e.g. module.double())")
+
+
+def _stage_args(stages: list[tuple]) -> tuple[list, list, list, list[int]]:
+    """A chain's stages, ``(base or None, [(masks, table), ...])`` each, as the ops
+    take them: the bases (one entry per stage), then the factors' masks, tables and
+    stages."""
+    factors = [f for _, stage_factors in stages for f in stage_factors]
+    return ([base for base, _ in stages], [m for m, _ in factors], [t for _, t in factors],
+            [d for d, (_, stage_factors) in enumerate(stages) for _ in stage_factors])

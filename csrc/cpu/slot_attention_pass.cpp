@@ -1,5 +1,6 @@
 // One slot-attention pass of one level on the CPU: forward and backward of
-// exposure_slot::slot_attention_pass, and the forward of
+// exposure_slot::slot_attention_pass and of exposure_slot::slot_attention_pass_rows
+// (a parent's pass in training), and the forward of
 // exposure_slot::slot_attention_pass_hand_down (a parent's pass under inference).
 //
 // Formula. A level at depth D-1 sees the top level's inputs through a chain of D
@@ -44,10 +45,18 @@
 // modulation (the leaf's passes on the rows its parent handed down), which then
 // reads its input's rows in place.
 //
-// Backward, for gradients g_attn, g_sum, g_v of the three outputs:
-//   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v
-//   gl_i = s_i (gA_i - sum_j s_j gA_j);   gk = sum_i gl_i q_i;   gq_i += gl_i k
-//   gv   = sum_i A_i g_v[i]
+// In training (slot_attention_pass_rows) a parent's pass hands down its child's
+// input rows the same way, rows_k = k * pf and rows_v = v * pf, into fresh [B,N,C]
+// outputs: the child's passes then run one stage over them (their own LayerNorm and
+// modulation) rather than each recomputing, and differentiating, every ancestor's
+// stage per token, and the rows' gradients join this pass's backward.
+//
+// Backward, for gradients g_attn, g_sum, g_v of the three outputs (and g_rk, g_rv
+// of the rows handed down, if any):
+//   gpf  = g_rk * k + g_rv * v;   g_prompts_i += A_i gpf     (the rows' mixture pf)
+//   gA_i = g_attn[i,n] + g_sum[i] + g_v[i] . v + prompts_i . gpf
+//   gl_i = s_i (gA_i - sum_j s_j gA_j);   gk = sum_i gl_i q_i + g_rk * pf;   gq_i += gl_i k
+//   gv   = sum_i A_i g_v[i] + g_rv * pf
 // then back through the chain, stage D-1 down to 0:
 //   gm_d = gx^k * y^k_d + gx^v * y^v_d       -> modulation_backward_block (mixtures.h):
 //                                               grad of the base, masks, tables
@@ -869,17 +878,19 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
 
 struct GradPartialLayout {
   int64_t queries;                    // [K,C] of the chunk's batch item
+  int64_t prompts;                    // [K,C] (a pass handing down rows)
   int64_t norm;                       // [4,D,C]: k weight, k bias, v weight, v bias
   std::vector<int64_t> tables;        // [K_j,C] each
   int64_t size;
 };
 
 template <typename T>
-GradPartialLayout grad_partial_layout(const Pass<T>& p) {
+GradPartialLayout grad_partial_layout(const Pass<T>& p, bool rows) {
   GradPartialLayout l;
   const int64_t C = p.channels;
   l.queries = 0;
-  l.norm = p.slots * C;
+  l.prompts = p.slots * C;
+  l.norm = l.prompts + (rows ? p.slots * C : 0);
   l.size = table_partial_offsets(p.factors, C, l.norm + 4 * p.depth * C, l.tables);
   return l;
 }
@@ -913,16 +924,25 @@ inline void affine_norm_backward(const T* __restrict__ h, T rstd, const T* __res
   for (int64_t c = 0; c < C; ++c) gx[c] = rstd * (gx[c] - mean_gh - h[c] * mean_ghh);
 }
 
+// The gradients of the rows a pass handed down, and where the prompts' goes.
+template <typename T>
+struct RowGrads {
+  const T* k = nullptr;  // [B,N,C] each, or null: the pass handed nothing down
+  const T* v = nullptr;
+  T* prompts = nullptr;  // [B or 1,K,C]
+};
+
 template <typename T>
 void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* g_sum,
-                     const T* g_v, T* grad_k_in, T* grad_v_in, const std::array<T*, 4>& grad_norms,
-                     T* grad_queries,
+                     const T* g_v, const RowGrads<T>& g_rows, T* grad_k_in, T* grad_v_in,
+                     const std::array<T*, 4>& grad_norms, T* grad_queries,
                      const std::vector<T*>& grad_bases, std::vector<at::Tensor>& grad_masks,
                      std::vector<at::Tensor>& grad_tables) {
   const int64_t N = p.tokens, C = p.channels, K = p.slots, D = p.depth;
   const int64_t J = static_cast<int64_t>(p.factors.size());
+  const bool rows = g_rows.k != nullptr;
   const Chunking chunks(p.batch, N);
-  const GradPartialLayout layout = grad_partial_layout(p);
+  const GradPartialLayout layout = grad_partial_layout(p, rows);
   Partials<T> partials(chunks.count, layout.size);
   std::vector<T*> grad_mask_ptrs;
   for (auto& g : grad_masks) grad_mask_ptrs.push_back(g.mutable_data_ptr<T>());
@@ -932,7 +952,8 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
   {
     Scratch<T> s(p);
     Tile<T> tile(K, C, Kept::chain);
-    AlignedVector<T> g_a(K);
+    AlignedVector<T> g_a(K), g_pf_dots(K);
+    AlignedVector<T> pf(rows ? C : 0), g_pf(rows ? kTile * C : 0);  // a token's; the tile's
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
 #pragma omp for schedule(static)
@@ -944,6 +965,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
       for (int64_t j = 0; j < J; ++j) table_partials[j] = partial + layout.tables[j];
       const T* q = p.queries + b * K * C;
       const T* gv_b = g_v + b * K * C;
+      const T* prompts = rows ? p.hand_down.pf.rows(b, C) : nullptr;
       for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
         const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
         for (int64_t t = 0; t < count; ++t) {
@@ -961,13 +983,33 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
           T* __restrict__ gk = grad_k_in + (b * N + n) * C;
           T* __restrict__ gv = grad_v_in + (b * N + n) * C;
           const T* __restrict__ v = s.v.data();
+          if (rows) {  // pf, the rows' gradient gpf, and gpf's share of each A_i's
+            const T* g_rk = g_rows.k + (b * N + n) * C;
+            const T* g_rv = g_rows.v + (b * N + n) * C;
+            T* gpf = g_pf.data() + t * C;
+            for_each_block<T>(C, [&](int64_t c0, auto blk) {
+              using Block = decltype(blk);
+              using U = typename Block::Unit;
+              constexpr int64_t S = Block::kStride;
+              U mix[Block::kCapacity];
+              mix_block(attn + b * K * N + n, N, prompts + c0, K, C, blk, mix);
+              for (int64_t u = 0; u < blk.units; ++u) {
+                const int64_t c = c0 + u * S;
+                store(pf.data() + c, mix[u]);
+                store(gpf + c,
+                      load<U>(g_rk + c) * load<U>(k + c) + load<U>(g_rv + c) * load<U>(v + c));
+              }
+            });
+            row_dots(prompts, gpf, K, 1, C, g_pf_dots.data(), 1);
+          }
 
           // Through the softmax: g_a becomes the logits' gradient gl, kept in the tile
           // for the query gradient (a product over the tile's tokens, below).
           row_dots(gv_b, v, K, 1, C, g_a.data(), 1);
           T weighted = 0;
           for (int64_t i = 0; i < K; ++i) {
-            g_a[i] += g_attn[(b * K + i) * N + n] + g_sum[b * K + i];
+            g_a[i] += g_attn[(b * K + i) * N + n] + g_sum[b * K + i] +
+                      (rows ? g_pf_dots[i] : T(0));
             weighted += s.probs[i] * g_a[i];
           }
           for (int64_t i = 0; i < K; ++i) {
@@ -985,6 +1027,15 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
               for (int64_t u = 0; u < blk.units; ++u) {
                 gk_sum[u] += gl * load<U>(q + i * C + c0 + u * S);
                 gv_sum[u] += a * load<U>(gv_b + i * C + c0 + u * S);
+              }
+            }
+            if (rows) {
+              const T* g_rk = g_rows.k + (b * N + n) * C;
+              const T* g_rv = g_rows.v + (b * N + n) * C;
+              for (int64_t u = 0; u < blk.units; ++u) {
+                const U pf_c = load<U>(pf.data() + c0 + u * S);
+                gk_sum[u] += load<U>(g_rk + c0 + u * S) * pf_c;
+                gv_sum[u] += load<U>(g_rv + c0 + u * S) * pf_c;
               }
             }
             for (int64_t u = 0; u < blk.units; ++u) {
@@ -1037,10 +1088,18 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
         TilePrefetch<T> nothing;
         tile_weighted_sums(tile, tile.rows.data(), tile.channel_stride, count, K, C, gq_partial,
                            nothing);
+        if (rows) {  // the prompts' gradient: [K, count] A x [count, C] gpf
+          weighted_row_sums(attn + b * K * N + n0, N, g_pf.data(), C, count, K, C,
+                            partial + layout.prompts, [] {});
+        }
       }
     }
   }
   partials.reduce(chunks, layout.queries, K * C, true, grad_queries, parallel);
+  if (rows) {
+    partials.reduce(chunks, layout.prompts, K * C, p.hand_down.pf.table_batched,
+                    g_rows.prompts, parallel);
+  }
   for (int64_t r = 0; r < 4; ++r) {  // k weight, k bias, v weight, v bias: [D,C] each
     partials.reduce(chunks, layout.norm + r * D * C, D * C, false, grad_norms[r], parallel);
   }
@@ -1273,29 +1332,49 @@ HandDownOutputs slot_attention_pass_hand_down_rows_cpu(
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
-slot_attention_pass_backward_cpu(
-    const at::Tensor& grad_attn, const at::Tensor& grad_attn_sum, const at::Tensor& grad_attn_v,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
-    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
-    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
-    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
-    const at::Tensor& queries, const std::optional<at::Tensor>& stats, const at::Tensor& attn,
-    double norm_eps, double attn_eps) {
-  const char* op = "slot_attention_pass_backward";
-  at::Tensor grad_k_in, grad_v_in, grad_queries;
-  std::array<at::Tensor, 4> grad_norms;  // separate tensors: the schema's outputs never alias
-  std::vector<at::Tensor> grad_bases, grad_masks, grad_tables;
+// What slot_attention_pass_rows' backward takes besides a pass's: the gradients of
+// the rows it handed down and the prompts of their mixture.
+struct RowsBackwardArgs {
+  const at::Tensor& grad_rows_k;
+  const at::Tensor& grad_rows_v;
+  const at::Tensor& prompts;
+};
+
+// The gradients of a pass's inputs: k_in, v_in, the four norms (separate tensors:
+// the schemas' outputs never alias; a rows pass's have its child's row, zero), the
+// stage bases, the factors' masks and tables, the queries, and a rows pass's prompts
+// (undefined otherwise).
+struct PassGrads {
+  at::Tensor k_in, v_in;
+  std::array<at::Tensor, 4> norms;
+  std::vector<at::Tensor> bases, masks, tables;
+  at::Tensor queries, prompts;
+};
+
+// Both backward ops: with `rows`, slot_attention_pass_rows', whose norms have their
+// child's row and whose forward's stats its child's stage.
+PassGrads backward(const char* op, const at::Tensor& grad_attn, const at::Tensor& grad_attn_sum,
+                   const at::Tensor& grad_attn_v, const PassArgs& args, const at::Tensor& attn,
+                   const RowsBackwardArgs* rows) {
+  const at::Tensor& k_in = args.k_in;
+  PassGrads grads;
   check_float_cpu(op, "k_in", k_in, k_in.scalar_type(), "k_in");
   AT_DISPATCH_FLOATING_TYPES(k_in.scalar_type(), "slot_attention_pass_backward_cpu", [&] {
     std::vector<at::Tensor> storage;
-    const Pass<scalar_t> p = make_pass<scalar_t>(
+    // A rows pass's forward's stats end with its child's stage, past its chain's.
+    std::optional<at::Tensor> chain_stats = args.stats;
+    const int64_t depth = args.norm_k_weight.dim() == 2 ? args.norm_k_weight.size(0) - 1 : 0;
+    if (rows != nullptr && chain_stats && chain_stats->dim() == 4 && depth >= 1 &&
+        chain_stats->size(2) == depth + 1) {
+      chain_stats = chain_stats->narrow(2, 0, depth);
+    }
+    Pass<scalar_t> p = make_pass<scalar_t>(
         op,
-        PassArgs{k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
-                 base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
-                 norm_eps, attn_eps},
-        0, storage);
+        PassArgs{args.k_in, args.v_in, args.norm_k_weight, args.norm_k_bias, args.norm_v_weight,
+                 args.norm_v_bias, args.stage_bases, args.base_stages, args.factor_masks,
+                 args.factor_tables, args.factor_stages, args.queries, chain_stats,
+                 args.norm_eps, args.attn_eps},
+        rows != nullptr ? 1 : 0, storage);
     const int64_t B = p.batch, K = p.slots, N = p.tokens, C = p.channels;
     check_float_cpu(op, "grad_attn", grad_attn, k_in.scalar_type(), "k_in");
     check_float_cpu(op, "grad_attn_sum", grad_attn_sum, k_in.scalar_type(), "k_in");
@@ -1309,41 +1388,104 @@ slot_attention_pass_backward_cpu(
     const at::Tensor g_attn = grad_attn.contiguous();
     const at::Tensor g_sum = grad_attn_sum.contiguous();
     const at::Tensor g_v = grad_attn_v.contiguous();
+    RowGrads<scalar_t> g_rows;
+    at::Tensor g_rk, g_rv;
+    if (rows != nullptr) {
+      check_float_cpu(op, "grad_rows_k", rows->grad_rows_k, k_in.scalar_type(), "k_in");
+      check_float_cpu(op, "grad_rows_v", rows->grad_rows_v, k_in.scalar_type(), "k_in");
+      check_shape(op, "grad_rows_k", rows->grad_rows_k, {B, N, C}, "[B, N, C] like k_in");
+      check_shape(op, "grad_rows_v", rows->grad_rows_v, {B, N, C}, "[B, N, C] like k_in");
+      g_rk = rows->grad_rows_k.contiguous();
+      g_rv = rows->grad_rows_v.contiguous();
+      g_rows.k = g_rk.const_data_ptr<scalar_t>();
+      g_rows.v = g_rv.const_data_ptr<scalar_t>();
+      p.hand_down.pf = make_factor<scalar_t>(op, attn_c, "attn", rows->prompts, "prompts", B, N, C,
+                                             k_in.scalar_type(), storage);
+      grads.prompts = at::empty(rows->prompts.sizes(), k_in.options());
+      g_rows.prompts = grads.prompts.mutable_data_ptr<scalar_t>();
+    }
 
-    grad_k_in = at::empty({B, N, C}, k_in.options());
-    grad_v_in = at::empty({B, N, C}, k_in.options());
-    for (at::Tensor& g : grad_norms) g = at::empty({p.depth, C}, k_in.options());
-    grad_queries = at::empty({B, K, C}, k_in.options());
-    for (size_t j = 0; j < factor_masks.size(); ++j) {
-      grad_masks.push_back(at::empty(factor_masks[j].sizes(), k_in.options()));
-      grad_tables.push_back(at::empty(factor_tables[j].sizes(), k_in.options()));
+    const int64_t norm_rows = p.depth + (rows != nullptr ? 1 : 0);
+    grads.k_in = at::empty({B, N, C}, k_in.options());
+    grads.v_in = at::empty({B, N, C}, k_in.options());
+    for (at::Tensor& g : grads.norms) {
+      g = at::empty({norm_rows, C}, k_in.options());
+      // The child's row, past the chain's: the rows do not depend on it.
+      if (norm_rows > p.depth) g[p.depth].zero_();
+    }
+    grads.queries = at::empty({B, K, C}, k_in.options());
+    for (size_t j = 0; j < args.factor_masks.size(); ++j) {
+      grads.masks.push_back(at::empty(args.factor_masks[j].sizes(), k_in.options()));
+      grads.tables.push_back(at::empty(args.factor_tables[j].sizes(), k_in.options()));
     }
     std::vector<scalar_t*> grad_base_ptrs;
     for (const Modulation<scalar_t>& m : p.stages) {
       if (m.base == nullptr) {
         grad_base_ptrs.push_back(nullptr);
       } else {
-        grad_bases.push_back(at::empty({B, N, C}, k_in.options()));
-        grad_base_ptrs.push_back(grad_bases.back().mutable_data_ptr<scalar_t>());
+        grads.bases.push_back(at::empty({B, N, C}, k_in.options()));
+        grad_base_ptrs.push_back(grads.bases.back().mutable_data_ptr<scalar_t>());
       }
     }
     backward_kernel<scalar_t>(p, attn_c.const_data_ptr<scalar_t>(),
                               g_attn.const_data_ptr<scalar_t>(),
                               g_sum.const_data_ptr<scalar_t>(), g_v.const_data_ptr<scalar_t>(),
-                              grad_k_in.mutable_data_ptr<scalar_t>(),
-                              grad_v_in.mutable_data_ptr<scalar_t>(),
-                              std::array<scalar_t*, 4>{grad_norms[0].mutable_data_ptr<scalar_t>(),
-                                                       grad_norms[1].mutable_data_ptr<scalar_t>(),
-                                                       grad_norms[2].mutable_data_ptr<scalar_t>(),
-                                                       grad_norms[3].mutable_data_ptr<scalar_t>()},
-                              grad_queries.mutable_data_ptr<scalar_t>(), grad_base_ptrs,
-                              grad_masks, grad_tables);
+                              g_rows, grads.k_in.mutable_data_ptr<scalar_t>(),
+                              grads.v_in.mutable_data_ptr<scalar_t>(),
+                              std::array<scalar_t*, 4>{grads.norms[0].mutable_data_ptr<scalar_t>(),
+                                                       grads.norms[1].mutable_data_ptr<scalar_t>(),
+                                                       grads.norms[2].mutable_data_ptr<scalar_t>(),
+                                                       grads.norms[3].mutable_data_ptr<scalar_t>()},
+                              grads.queries.mutable_data_ptr<scalar_t>(), grad_base_ptrs,
+                              grads.masks, grads.tables);
   });
-  return {grad_k_in,     grad_v_in,  grad_norms[0], grad_norms[1], grad_norms[2],
-          grad_norms[3], grad_bases, grad_masks,    grad_tables,   grad_queries};
+  return grads;
 }
 
-// The two forward ops' kernels: their schemas' arguments, as PassArgs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+slot_attention_pass_backward_cpu(
+    const at::Tensor& grad_attn, const at::Tensor& grad_attn_sum, const at::Tensor& grad_attn_v,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, const at::Tensor& attn,
+    double norm_eps, double attn_eps) {
+  PassGrads g = backward(
+      "slot_attention_pass_backward", grad_attn, grad_attn_sum, grad_attn_v,
+      {k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+       base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+       attn_eps},
+      attn, nullptr);
+  return {g.k_in,     g.v_in,  g.norms[0], g.norms[1], g.norms[2],
+          g.norms[3], g.bases, g.masks,    g.tables,   g.queries};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+           at::Tensor>
+slot_attention_pass_rows_backward_cpu(
+    const at::Tensor& grad_attn, const at::Tensor& grad_attn_sum, const at::Tensor& grad_attn_v,
+    const at::Tensor& grad_rows_k, const at::Tensor& grad_rows_v, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& norm_k_weight, const at::Tensor& norm_k_bias,
+    const at::Tensor& norm_v_weight, const at::Tensor& norm_v_bias, at::TensorList stage_bases,
+    at::IntArrayRef base_stages, at::TensorList factor_masks, at::TensorList factor_tables,
+    at::IntArrayRef factor_stages, const at::Tensor& queries,
+    const std::optional<at::Tensor>& stats, const at::Tensor& attn, double norm_eps,
+    double attn_eps, const at::Tensor& prompts) {
+  const RowsBackwardArgs rows{grad_rows_k, grad_rows_v, prompts};
+  PassGrads g = backward(
+      "slot_attention_pass_rows_backward", grad_attn, grad_attn_sum, grad_attn_v,
+      {k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+       base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+       attn_eps},
+      attn, &rows);
+  return {g.k_in,  g.v_in,  g.norms[0], g.norms[1], g.norms[2], g.norms[3],
+          g.bases, g.masks, g.tables,   g.queries,  g.prompts};
+}
+
+// The forward ops' kernels: their schemas' arguments, as PassArgs.
 PassOutputs slot_attention_pass_op(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
     const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
@@ -1372,6 +1514,26 @@ HandDownOutputs slot_attention_pass_hand_down_op(
       prompts, hand_down, child_queries);
 }
 
+// slot_attention_pass_rows: the pass's outputs and the child's input rows it hands
+// down, fresh [B,N,C] tensors (the inputs stay as autograd saved them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+slot_attention_pass_rows_op(
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& norm_k_weight,
+    const at::Tensor& norm_k_bias, const at::Tensor& norm_v_weight,
+    const at::Tensor& norm_v_bias, at::TensorList stage_bases, at::IntArrayRef base_stages,
+    at::TensorList factor_masks, at::TensorList factor_tables, at::IntArrayRef factor_stages,
+    const at::Tensor& queries, const std::optional<at::Tensor>& stats, double norm_eps,
+    double attn_eps, const at::Tensor& prompts) {
+  at::Tensor rows_k = at::empty(k_in.sizes(), k_in.options());
+  at::Tensor rows_v = at::empty(k_in.sizes(), k_in.options());
+  auto [attn, attn_sum, attn_v, stats_out, _a, _s, _v] = slot_attention_pass_hand_down_rows_cpu(
+      {k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+       base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+       attn_eps},
+      prompts, rows_k, rows_v, std::nullopt);
+  return {attn, attn_sum, attn_v, stats_out, rows_k, rows_v};
+}
+
 }  // namespace
 }  // namespace exposure_slot::cpu
 
@@ -1379,4 +1541,7 @@ TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {
   m.impl("slot_attention_pass", &exposure_slot::cpu::slot_attention_pass_op);
   m.impl("slot_attention_pass_backward", &exposure_slot::cpu::slot_attention_pass_backward_cpu);
   m.impl("slot_attention_pass_hand_down", &exposure_slot::cpu::slot_attention_pass_hand_down_op);
+  m.impl("slot_attention_pass_rows", &exposure_slot::cpu::slot_attention_pass_rows_op);
+  m.impl("slot_attention_pass_rows_backward",
+         &exposure_slot::cpu::slot_attention_pass_rows_backward_cpu);
 }

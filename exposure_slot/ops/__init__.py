@@ -49,7 +49,8 @@ from . import slot_update as _slot_update
 from . import winograd_conv3x3 as _winograd_conv3x3
 from .mask_fusion import mask_fusion_reference, mask_fusion_reference_
 from .slot_attention_pass import (slot_attention_pass_hand_down_reference,
-                                  slot_attention_pass_reference)
+                                  slot_attention_pass_reference,
+                                  slot_attention_pass_rows_reference)
 from .slot_update import slot_update_reference
 
 if _C is not None:
@@ -63,6 +64,7 @@ __all__ = ["cpu_kernels_available", "cuda_kernels_available", "triton_kernels_av
            "BACKEND_DTYPES", "mask_fusion", "mask_fusion_", "mask_fusion_reference",
            "slot_attention_pass", "slot_attention_pass_hand_down",
            "slot_attention_pass_hand_down_reference", "slot_attention_pass_reference",
+           "slot_attention_pass_rows", "slot_attention_pass_rows_reference",
            "slot_update",
            "slot_update_reference"]
 
@@ -232,6 +234,36 @@ def slot_attention_pass_hand_down(k_in: torch.Tensor, v_in: torch.Tensor,
                            "torch.no_grad())")
     return _select(op, backend, slot_attention_pass_hand_down_reference, k_in.device)(
         *args, float(norm_eps), float(attn_eps), prompts, hand_down, child_queries)
+
+
+def slot_attention_pass_rows(k_in: torch.Tensor, v_in: torch.Tensor,
+                             norm_k_weight: torch.Tensor, norm_k_bias: torch.Tensor,
+                             norm_v_weight: torch.Tensor, norm_v_bias: torch.Tensor,
+                             stage_bases: Sequence[torch.Tensor | None],
+                             factor_masks: Sequence[torch.Tensor],
+                             factor_tables: Sequence[torch.Tensor], factor_stages: Sequence[int],
+                             queries: torch.Tensor, stats: torch.Tensor | None, norm_eps: float,
+                             attn_eps: float, prompts: torch.Tensor, *,
+                             backend: str = "reference", validate_args: bool = True):
+    """A parent level's pass, for training: ``slot_attention_pass`` and its child's
+    input rows. The norms have a row per stage and one more, the child's LayerNorm:
+    [D + 1, C] (``stage_bases`` has D entries). With ``k``, ``v`` the chain's output
+    (the attention's input) and ``pf = sum_i attn_i * prompts_i`` (prompts [B or 1,
+    K, C]), returns ``(attn, attn_sum, attn_v, stats, rows_k, rows_v)``: ``stats``
+    with one more stage, [B, N, D + 1, 4], the statistics of the child's first
+    LayerNorm, and ``rows_k = k * pf``, ``rows_v = v * pf`` [B, N, C], the child's
+    input. Differentiable in every tensor but ``stats``. Compiled for the "cpu"
+    backend only; "reference" runs the twin anywhere."""
+    op = "slot_attention_pass_rows"
+    if backend not in ("reference", "cpu"):
+        raise ValueError(f"{op}: compiled for the 'cpu' backend only; got backend {backend!r}")
+    args = _pass_args(op, k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                      stage_bases, factor_masks, factor_tables, factor_stages, queries, stats,
+                      backend, validate_args, child_stages=1)
+    if validate_args:
+        _slot_attention_pass.check_hand_down(k_in, queries, prompts, op=op)
+    return _select(op, backend, slot_attention_pass_rows_reference, k_in.device)(
+        *args, float(norm_eps), float(attn_eps), prompts)
 
 
 def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tensor,

@@ -36,6 +36,15 @@ has at most one base); ``factor_masks``/``factor_tables`` lists of [B, K_j, N] /
 plus stage indices rather than one optional entry per stage: torch.library's
 autograd does not differentiate lists with None entries.)
 
+A parent level's pass in training (backend "cpu") is ``slot_attention_pass_rows``:
+the same pass, which also returns its child's input rows ``rows_k = k * pf`` and
+``rows_v = v * pf`` ([B, N, C], ``k`` and ``v`` the chain's output), with ``pf =
+sum_i attn_i * prompts_i``; like the hand-down below, its norms have the child's
+LayerNorm as one more row and ``stats`` that stage's statistics (of the rows). The
+child's passes then run one stage over the rows instead of recomputing, and
+differentiating, every ancestor's stage per token; its backward
+(``slot_attention_pass_rows_backward``) takes the rows' gradients too.
+
 A parent level's pass under inference (backend "cpu") is
 ``slot_attention_pass_hand_down``: the same pass, which also hands its child its
 input. Its norms have one more row, [D + 1, C], the child's LayerNorm (stage D).
@@ -156,12 +165,32 @@ def slot_attention_pass_hand_down_reference(k_in, v_in, norm_k_weight, norm_k_bi
             child_attn, child_attn.sum(dim=-1), torch.bmm(child_attn, child_v))
 
 
+def slot_attention_pass_rows_reference(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight,
+                                       norm_v_bias, stage_bases, base_stages, factor_masks,
+                                       factor_tables, factor_stages, queries, stats,
+                                       norm_eps: float, attn_eps: float, prompts):
+    """The rows pass in plain PyTorch (differentiable, any device): the pass's
+    outputs, with the child's first stage appended to ``stats``, and the child's
+    input rows k * pf, v * pf."""
+    norms = (norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias)
+    k, v, all_stats, _ = _reference_chain(
+        k_in, v_in, *(n[:-1] for n in norms), stage_bases, base_stages, factor_masks,
+        factor_tables, factor_stages, norm_eps)
+    attn = torch.bmm(queries, k.transpose(1, 2)).softmax(dim=1) + attn_eps
+    pf = mask_fusion_reference([attn], [prompts])
+    rows_k, rows_v = k * pf, v * pf
+    all_stats += _row_stats(rows_k, rows_v, norm_eps)
+    return (attn, attn.sum(dim=-1), torch.bmm(attn, v), _stack_stats(all_stats), rows_k,
+            rows_v)
+
+
 def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
                stage_bases, base_stages, factor_masks, factor_tables, factor_stages, queries,
-               stats=None, *, grads=None, attn=None, child_stages: int = 0,
+               stats=None, *, grads=None, row_grads=None, attn=None, child_stages: int = 0,
                dtypes: tuple[torch.dtype, ...] | None = None, op: str = "slot_attention_pass") -> tuple[int, int, int, int]:
     """Raise TypeError or ValueError naming the problem; ``grads`` are the backward
-    op's three output gradients and ``attn`` the forward's attention it takes; the
+    op's three output gradients, ``row_grads`` a rows pass's two more (its rows'),
+    and ``attn`` the forward's attention it takes; the
     norms have ``child_stages`` rows past the pass's D stages (a hand-down's: its
     child's first). Returns (B, N, C, K)."""
     named = {"k_in": k_in, "v_in": v_in, "queries": queries}
@@ -173,6 +202,8 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     named.update((f"factor_tables[{j}]", t) for j, t in enumerate(factor_tables))
     if grads is not None:
         named.update(zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads))
+    if row_grads is not None:
+        named.update(zip(("grad_rows_k", "grad_rows_v"), row_grads))
     if attn is not None:
         named["attn"] = attn
     check_tensors(named, op=op, dtypes=dtypes)
@@ -216,14 +247,19 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     if any(not 0 <= s < depth for s in stages) or stages != sorted(stages):
         raise ValueError(f"{op}: factor_stages must be sorted stage indices in [0, {depth}), "
                          f"got {stages}")
+    # A backward takes its forward's stats, whose hand-down has its child's stage.
+    most = depth + (child_stages if attn is not None else 0)
     if stats is not None and (stats.dim() != 4 or list(stats.shape[:2]) != [batch, tokens]
-                              or stats.shape[2] > depth or stats.shape[3] != 4):
-        raise ValueError(f"{op}: stats must be [B, N, S, 4] = [{batch}, {tokens}, S <= {depth}, 4] "
+                              or stats.shape[2] > most or stats.shape[3] != 4):
+        raise ValueError(f"{op}: stats must be [B, N, S, 4] = [{batch}, {tokens}, S <= {most}, 4] "
                          f"(a previous pass's stats output), got shape {list(stats.shape)}")
     shaped = []  # the backward's tensors of known shape
     if grads is not None:
         shaped += zip(("grad_attn", "grad_attn_sum", "grad_attn_v"), grads,
                       ([batch, slots, tokens], [batch, slots], [batch, slots, channels]))
+    if row_grads is not None:
+        shaped += [(name, t, [batch, tokens, channels])
+                   for name, t in zip(("grad_rows_k", "grad_rows_v"), row_grads)]
     if attn is not None:
         shaped.append(("attn", attn, [batch, slots, tokens]))
     for name, t, shape in shaped:
@@ -232,10 +268,13 @@ def check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bia
     return batch, tokens, channels, slots
 
 
-def check_hand_down(k_in, queries, prompts, hand_down, child_queries=None,
+def check_hand_down(k_in, queries, prompts, hand_down=None, child_queries=None,
                     op: str = "slot_attention_pass_hand_down") -> None:
-    """The hand-down's own arguments, after ``check_args`` has checked the rest."""
-    named = {"k_in": k_in, "prompts": prompts, "hand_down": hand_down}
+    """The hand-down's own arguments, after ``check_args`` has checked the rest
+    (a rows pass's: ``prompts`` alone)."""
+    named = {"k_in": k_in, "prompts": prompts}
+    if hand_down is not None:
+        named["hand_down"] = hand_down
     if child_queries is not None:
         named["child_queries"] = child_queries
     check_tensors(named, op=op)
@@ -246,6 +285,8 @@ def check_hand_down(k_in, queries, prompts, hand_down, child_queries=None,
         raise ValueError(f"{op}: prompts must be [B or 1, K, C] = [{batch} or 1, {slots}, "
                          f"{channels}] (K from queries, B and C from k_in), got shape "
                          f"{list(prompts.shape)}")
+    if hand_down is None:
+        return
     if hand_down.shape != k_in.shape:
         raise ValueError(f"{op}: hand_down must be [B, N, C] like k_in {list(k_in.shape)}, "
                          f"got shape {list(hand_down.shape)}")
@@ -289,6 +330,18 @@ def _fake_hand_down(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_
             k_in.new_empty((batch, child_slots)), k_in.new_empty((batch, child_slots, channels)))
 
 
+def _fake_rows(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+               base_stages, factor_masks, factor_tables, factor_stages, queries, stats, norm_eps,
+               attn_eps, prompts):
+    op = "slot_attention_pass_rows"
+    outputs = _fake(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                    stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+                    queries, stats, norm_eps, attn_eps, op=op, child_stages=1)
+    check_hand_down(k_in, queries, prompts, op=op)
+    return (*outputs, torch.empty_like(k_in, memory_format=torch.contiguous_format),
+            torch.empty_like(v_in, memory_format=torch.contiguous_format))
+
+
 def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_weight,
                    norm_k_bias, norm_v_weight, norm_v_bias, stage_bases, base_stages,
                    factor_masks, factor_tables, factor_stages, queries, stats, attn, norm_eps,
@@ -303,35 +356,57 @@ def _fake_backward(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, norm_k_wei
             [new(m) for m in factor_masks], [new(t) for t in factor_tables], new(queries))
 
 
+def _fake_rows_backward(grad_attn, grad_attn_sum, grad_attn_v, grad_rows_k, grad_rows_v, k_in,
+                        v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias,
+                        stage_bases, base_stages, factor_masks, factor_tables, factor_stages,
+                        queries, stats, attn, norm_eps, attn_eps, prompts):
+    op = "slot_attention_pass_rows_backward"
+    check_args(k_in, v_in, norm_k_weight, norm_k_bias, norm_v_weight, norm_v_bias, stage_bases,
+               base_stages, factor_masks, factor_tables, factor_stages, queries, stats,
+               grads=(grad_attn, grad_attn_sum, grad_attn_v), row_grads=(grad_rows_k, grad_rows_v),
+               attn=attn, child_stages=1, dtypes=KERNEL_DTYPES, op=op)
+    check_hand_down(k_in, queries, prompts, op=op)
+    new = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return (new(k_in), new(v_in), new(norm_k_weight), new(norm_k_bias), new(norm_v_weight),
+            new(norm_v_bias), [new(t) for t in stage_bases],
+            [new(m) for m in factor_masks], [new(t) for t in factor_tables], new(queries),
+            new(prompts))
+
+
 def _setup_context(ctx, inputs, output):
     # The inputs, the LayerNorm statistics and the attention: the backward
-    # recomputes the chain.
+    # recomputes the chain. A rows pass's inputs end with its prompts.
     (k_in, v_in, nkw, nkb, nvw, nvb, bases, base_stages, masks, tables, factor_stages, queries,
-     _stats, norm_eps, attn_eps) = inputs
+     _stats, norm_eps, attn_eps, *prompts) = inputs
     ctx.mark_non_differentiable(output[3])
     ctx.lengths = (len(bases), len(masks))
     ctx.stages = (list(base_stages), list(factor_stages))
     ctx.eps = (norm_eps, attn_eps)
-    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, output[3], output[0], *bases,
-                          *masks, *tables)
+    ctx.save_for_backward(k_in, v_in, nkw, nkb, nvw, nvb, queries, output[3], output[0], *prompts,
+                          *bases, *masks, *tables)
 
 
-def _backward_of(namespace: str):
-    backward_op = getattr(torch.ops, namespace).slot_attention_pass_backward
+def _backward_of(namespace: str, op: str = "slot_attention_pass"):
+    """The autograd formula of ``op``, slot_attention_pass or slot_attention_pass_rows
+    (whose output gradients and inputs have the rows' and the prompts too)."""
+    backward_op = getattr(getattr(torch.ops, namespace), op + "_backward")
+    rows = op == "slot_attention_pass_rows"
 
-    def backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats):
+    def backward(ctx, grad_attn, grad_attn_sum, grad_attn_v, _grad_stats, *grad_rows):
         k_in, v_in, nkw, nkb, nvw, nvb, queries, stats, attn, *lists = ctx.saved_tensors
+        prompts, lists = (lists[:1], lists[1:]) if rows else ([], lists)
         num_bases, num_factors = ctx.lengths
         bases = lists[:num_bases]
         masks = lists[num_bases:num_bases + num_factors]
         tables = lists[num_bases + num_factors:]
         base_stages, factor_stages = ctx.stages
-        grads = backward_op(grad_attn, grad_attn_sum, grad_attn_v, k_in, v_in, nkw, nkb, nvw,
-                            nvb, bases, base_stages, masks, tables, factor_stages, queries,
-                            stats, attn, *ctx.eps)
-        (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries) = grads
+        grads = backward_op(grad_attn, grad_attn_sum, grad_attn_v, *grad_rows, k_in, v_in, nkw,
+                            nkb, nvw, nvb, bases, base_stages, masks, tables, factor_stages,
+                            queries, stats, attn, *ctx.eps, *prompts)
+        (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, g_masks, g_tables, g_queries,
+         *g_prompts) = grads
         return (g_k, g_v, g_nkw, g_nkb, g_nvw, g_nvb, g_bases, _no_grad(base_stages), g_masks,
-                g_tables, _no_grad(factor_stages), g_queries, None, None, None)
+                g_tables, _no_grad(factor_stages), g_queries, None, None, None, *g_prompts)
 
     return backward
 
@@ -346,14 +421,22 @@ def register(namespace: str = "exposure_slot", *, fake: bool = True) -> None:
     """Attach the fake kernels (unless ``fake`` is False) and the autograd formula to
     the ops ``slot_attention_pass`` and ``slot_attention_pass_backward`` of
     ``namespace``, which must already be defined (see ``mask_fusion.register``), and
-    the fake kernel to its ``slot_attention_pass_hand_down`` where it has one."""
+    where it has them (the compiled extension's, CPU only: Triton has none), the fake
+    kernel to its ``slot_attention_pass_hand_down`` and both to its
+    ``slot_attention_pass_rows``."""
     if fake:
         torch.library.register_fake(f"{namespace}::slot_attention_pass", _fake)
         torch.library.register_fake(f"{namespace}::slot_attention_pass_backward",
                                     _fake_backward)
         if hasattr(getattr(torch.ops, namespace), "slot_attention_pass_hand_down"):
-            # The compiled extension's op (CPU only); Triton has none.
             torch.library.register_fake(f"{namespace}::slot_attention_pass_hand_down",
                                         _fake_hand_down)
+            torch.library.register_fake(f"{namespace}::slot_attention_pass_rows", _fake_rows)
+            torch.library.register_fake(f"{namespace}::slot_attention_pass_rows_backward",
+                                        _fake_rows_backward)
     torch.library.register_autograd(f"{namespace}::slot_attention_pass",
                                     _backward_of(namespace), setup_context=_setup_context)
+    if hasattr(getattr(torch.ops, namespace), "slot_attention_pass_rows"):
+        torch.library.register_autograd(
+            f"{namespace}::slot_attention_pass_rows",
+            _backward_of(namespace, "slot_attention_pass_rows"), setup_context=_setup_context)
