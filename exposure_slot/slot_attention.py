@@ -258,23 +258,19 @@ class SlotInSlotAttention(nn.Module):
             queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
-                if inference:
+                if rows_norms is not None:  # the pass has handed the child its input rows
+                    child_input = ([], child_stats, child_k, child_v)
+                elif inference:
                     # The child's modulation running * pf, made once for all its
                     # passes (and its descendants'), where its passes would each
                     # recompute the mixture per token; running = running * pf * b_c
                     # then needs only the child's factors.
                     running = fuse_into(running, [pf])
-                    handed_down = (running, [])
+                    child_input = (chain + [(running, [])], stats, k_in, v_in)
                 else:
-                    handed_down = (running, [pf])
-                if rows_norms is not None:
-                    child_a, child_b, child_masks = self._fused_level(
-                        depth + 1, [], child_stats, child_k, child_v, stacked, first_queries,
-                        backend)
-                else:
-                    child_a, child_b, child_masks = self._fused_level(
-                        depth + 1, chain + [handed_down], stats, k_in, v_in, stacked,
-                        first_queries, backend)
+                    child_input = (chain + [(running, [pf])], stats, k_in, v_in)
+                child_a, child_b, child_masks = self._fused_level(
+                    depth + 1, *child_input, stacked, first_queries, backend)
             if has_child and iteration + 1 < self.iters:  # the last one is never used
                 running = fuse_into(running, child_b if inference else [pf] + child_b)
         return ([(attn, level.prompts)] + child_b, [(attn, slots)] + child_a,
