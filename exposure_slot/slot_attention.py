@@ -222,11 +222,11 @@ class SlotInSlotAttention(nn.Module):
         factor lists, and its masks."""
         level = self.levels[depth]
         has_child = depth + 1 < len(self.levels)
-        norms = [n[depth - len(chain):depth + 1] for n in stacked]
-        # A pass handing down rows takes its child's LayerNorm too (its stats output
-        # ends with the statistics of the rows, the child's first stage).
-        rows_norms = ([n[depth:depth + 2] for n in stacked]
-                      if backend == "cpu" and has_child else None)
+        hands_down_rows = backend == "cpu" and has_child
+        # The LayerNorms of the pass's stages; a pass handing down rows takes its
+        # child's too (its stats output ends with the statistics of the rows, the
+        # child's first stage).
+        norms = [n[depth - len(chain):depth + 1 + hands_down_rows] for n in stacked]
         running = None  # this level's modulation of its k and v: prod of pf * b_c so far
         stats = parent_stats  # after the first pass, also this level's own stage
         slots = level.slots_mu.expand(k_in.shape[0], -1, -1)
@@ -245,9 +245,9 @@ class SlotInSlotAttention(nn.Module):
 
         for iteration in range(self.iters):
             stages = _stage_args(chain + [(running, [])])
-            if rows_norms is not None:
+            if hands_down_rows:
                 attn, attn_sum, attn_v, stats, child_k, child_v = ops.slot_attention_pass_rows(
-                    k_in, v_in, *rows_norms, *stages, queries, stats, level.norm_k_inp.eps, EPS,
+                    k_in, v_in, *norms, *stages, queries, stats, level.norm_k_inp.eps, EPS,
                     level.prompts, backend=backend, validate_args=False)
                 stats, child_stats = stats[:, :, :-1], stats[:, :, -1:]
             else:
@@ -258,7 +258,7 @@ class SlotInSlotAttention(nn.Module):
             queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
-                if rows_norms is not None:  # the pass has handed the child its input rows
+                if hands_down_rows:  # the pass has handed the child its input rows
                     child_input = ([], child_stats, child_k, child_v)
                 elif inference:
                     # The child's modulation running * pf, made once for all its

@@ -983,9 +983,9 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
           T* __restrict__ gk = grad_k_in + (b * N + n) * C;
           T* __restrict__ gv = grad_v_in + (b * N + n) * C;
           const T* __restrict__ v = s.v.data();
+          const T* g_rk = rows ? g_rows.k + (b * N + n) * C : nullptr;
+          const T* g_rv = rows ? g_rows.v + (b * N + n) * C : nullptr;
           if (rows) {  // pf, the rows' gradient gpf, and gpf's share of each A_i's
-            const T* g_rk = g_rows.k + (b * N + n) * C;
-            const T* g_rv = g_rows.v + (b * N + n) * C;
             T* gpf = g_pf.data() + t * C;
             for_each_block<T>(C, [&](int64_t c0, auto blk) {
               using Block = decltype(blk);
@@ -1030,8 +1030,6 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
               }
             }
             if (rows) {
-              const T* g_rk = g_rows.k + (b * N + n) * C;
-              const T* g_rv = g_rows.v + (b * N + n) * C;
               for (int64_t u = 0; u < blk.units; ++u) {
                 const U pf_c = load<U>(pf.data() + c0 + u * S);
                 gk_sum[u] += load<U>(g_rk + c0 + u * S) * pf_c;
