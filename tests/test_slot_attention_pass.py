@@ -150,9 +150,12 @@ PARITY = [  # B, N, C, K, layout
     (1, 1, 16, 3, [(F, [])]),
     # One stage without modulation: the CPU kernel folds its LayerNorm into the
     # attention and reads whole tiles of rows in place (C a multiple of 32), copies
-    # of the rest (the last tile of a chunk; C = 48).
+    # of the rest (the last tile of a chunk; C = 48); its backward is folded too
+    # (every slot count from one to four groups of four, tiles short of 16 tokens).
     (3, 1031, 128, 10, [(F, [])]),
     (2, 100, 48, 5, [(F, [])]),
+    (1, 300, 128, 1, [(F, [])]),
+    (3, 71, 32, 16, [(F, [])]),
     (3, 2, 64, 7, [(T, [])]),
     (1, 97, 128, 16, [(F, [(3, F)])]),
     (3, 257, 256, 1, [(T, [(3, T), (7, F)])]),
@@ -210,10 +213,12 @@ def test_stats_output_layout(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("layout", [[(F, [])], [(T, [(3, T)]), (T, [(4, F), (2, F)])]],
+                         ids=["D1-plain", "D2"])
+def test_non_contiguous_inputs(backend, layout):
     # (On a GPU the copies to the device are contiguous: there this is one more parity case.)
     B, N, C, K = 2, tokens(backend, 301), 32, 5
-    case = Case(B, N, C, K, [(T, [(3, T)]), (T, [(4, F), (2, F)])], seed=5)
+    case = Case(B, N, C, K, layout, seed=5)
 
     def strided(t):
         # The same values through a transposed, stepped view.
@@ -233,9 +238,10 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("layout", [
+    [(F, [])],
     [(F, [(3, F)]), (T, [(7, T), (3, F)])],
     [(T, [(3, F)]), (F, [(7, F)]), (T, [(10, F), (3, T)])],
-], ids=["D2", "D3"])
+], ids=["D1-plain", "D2", "D3"])
 def test_low_precision_matches_float64_reference(backend, layout):
     """Every dtype below float64 the backend implements (TOLERANCES; the interpreter
     runs bfloat16 only, the 16-bit path: float32 runs in the tests above)."""
@@ -268,12 +274,13 @@ def test_stats_cache_gives_bitwise_the_same_outputs(backend, dtype, layout):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_stats_cache_gives_bitwise_the_same_gradients(backend, dtype):
+@pytest.mark.parametrize("layout", [CACHE_LAYOUT, [(F, [])]], ids=["D3", "D1-plain"])
+def test_stats_cache_gives_bitwise_the_same_gradients(backend, dtype, layout):
     # The autograd formula hands the forward's stats output to the backward op
     # (the CPU kernel reads it): from a valid cache, or none, the same gradients.
-    case = Case(2, tokens(backend, 263), 64, 5, CACHE_LAYOUT, dtype=dtype, seed=13)
+    case = Case(2, tokens(backend, 263), 64, 5, layout, dtype=dtype, seed=13)
     plain = case.forward_backward(backend)
-    for S in range(len(CACHE_LAYOUT) + 1):
+    for S in range(len(layout) + 1):
         assert_identical(case.forward_backward(backend, plain[3][:, :, :S]), plain)
 
 
@@ -350,11 +357,12 @@ def test_opcheck_backward(backend, layout):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_gradcheck_across_the_chunk_boundary(backend):
+@pytest.mark.parametrize("layout", [[(F, [])], [(T, [(2, F)]), (F, [(3, T)])]],
+                         ids=["D1-plain", "D2"])
+def test_gradcheck_across_the_chunk_boundary(backend, layout):
     # N = 260 crosses the CPU kernel's 256-token reduction chunk; 70 the Triton
     # kernels' tiles (at most 64 tokens).
-    case = Case(2, tokens(backend, 260), 6, 3, [(T, [(2, F)]), (F, [(3, T)])],
-                seed=29).on(backend)
+    case = Case(2, tokens(backend, 260), 6, 3, layout, seed=29).on(backend)
     tensors = tuple(t.detach().requires_grad_() for t in case.tensors())
 
     def fused(*flat):
@@ -385,10 +393,11 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_bitwise_repeatable_and_thread_count_independent(backend, restore_threads):
+@pytest.mark.parametrize("layout", [[(F, [])], [(F, [(3, F)]), (T, [(7, T), (3, F)])]],
+                         ids=["D1-plain", "D2"])
+def test_bitwise_repeatable_and_thread_count_independent(backend, layout, restore_threads):
     N, C = (70, 32) if interpreted(backend) else (5003, 128)
-    case = Case(2, N, C, 7, [(F, [(3, F)]), (T, [(7, T), (3, F)])], dtype=torch.float32,
-                seed=37)
+    case = Case(2, N, C, 7, layout, dtype=torch.float32, seed=37)
     first = case.forward_backward(backend)
     assert_identical(case.forward_backward(backend), first)
     for threads in (1, 2):

@@ -67,7 +67,9 @@
 // stored is small: the LayerNorm statistics, the forward's `stats` output (D*4
 // values a token), when the caller passes them, and the softmax, s_i = attn[i,n] -
 // attn_eps from the forward's `attn` (K values a token; renormalised to sum to 1)
-// instead of the K logits again (a backward ~8% faster).
+// instead of the K logits again (a backward ~8% faster). A pass of one stage
+// without modulation that hands nothing down (a leaf's) folds its LayerNorm into
+// the backward as its forward does (folded_backward_kernel).
 //
 // Memory layout: k_in, v_in [B,N,C] and the gradients of that shape are contiguous
 // rows of C values per token; norm weights [D,C]; queries [B,K,C]; attn [B,K,N].
@@ -1104,6 +1106,217 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
   reduce_table_grads(p.factors, partials, chunks, layout.tables, C, grad_tables, parallel);
 }
 
+// The backward of a pass of one stage without modulation that hands nothing down
+// (a leaf's passes: on its parent's rows, or on a one-level module's inputs), with
+// its LayerNorm folded in. With h = (x - mu) * r each row's normalised input,
+// k = h_k * w_k + b_k, v = h_v * w_v + b_v, queries q and per slot qw_i = q_i * w_k,
+// gw_i = g_v[i] * w_v:
+//   g_v[i] . v        = gw_i . h_v + g_v[i] . b_v
+//   gh_k = gk * w_k   = sum_i gl_i qw_i,        gh_v = gv * w_v = sum_i A_i gw_i
+//   gx = r * (gh - mean(gh) - h * mean(gh * h))       (LayerNorm's backward)
+// where for v both means are known per token without a sweep over gh_v:
+// mean(gh_v) = sum_i A_i sum(gw_i) / C and mean(gh_v * h_v) = sum_i A_i (gw_i . h_v)
+// / C, the dots gA already took. The parameters' gradients are products over
+// tokens of the normalised rows, per slot (tile products, as a forward's A * v):
+//   G_i = sum_n gl_i h_k,  H_i = sum_n A_i h_v,  and the sums of gl_i and of A_i;
+//   g q_i = w_k * G_i + b_k sum gl_i,   g w_k = sum_i q_i * G_i,  g b_k = sum_i q_i sum gl_i,
+//   g w_v = sum_i g_v[i] * H_i,  g b_v = sum_i g_v[i] sum A_i.
+// Against the chain's backward this never forms k, v or their gradients, and
+// takes the norms' gradients once per slot and batch item instead of per token:
+// per token five products of K x C multiply-adds (gw . h_v, gh_k, gh_v, and the
+// tile products G and H) where the chain's backward had those four, the chain
+// recomputed and two LayerNorm backwards with their weight sums (a level-2 leaf
+// pass backward, K = 7, one thread: 380 -> 250 ns a token at B = 8, N = 4096;
+// 170 with its rows in the last-level cache). The tile's scalar work (the softmax's
+// backward) runs over its tokens as vectors, and each token prefetches its row of
+// the next tile (~10% at B = 8: the rows come from memory).
+template <typename T>
+void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* g_sum,
+                            const T* g_v, T* grad_k_in, T* grad_v_in,
+                            const std::array<T*, 4>& grad_norms, T* grad_queries) {
+  const int64_t B = p.batch, N = p.tokens, C = p.channels, K = p.slots;
+  const Chunking chunks(B, N);
+  const T* w_k = p.norm_k_weight;
+  const T* b_k = p.norm_k_bias;
+  const T* w_v = p.norm_v_weight;
+  const T* b_v = p.norm_v_bias;
+  const FoldedQueries<T> qw(p.queries, B * K, C, w_k, b_k);
+  const FoldedQueries<T> gw(g_v, B * K, C, w_v, b_v);  // bias_dots: g_v[i] . b_v
+  // A chunk's partial: G [K,C], H [K,C], sum gl [K], sum A [K].
+  const int64_t at_h = K * C, at_gl = 2 * K * C, at_a = 2 * K * C + K;
+  Partials<T> partials(chunks.count, 2 * K * C + 2 * K);
+  const bool parallel = B * N * C * K >= kMinParallelWork;
+  // A token's sweep keeps two accumulators a unit, each a chain of K multiply-adds:
+  // eight chains each in flight with AVX-512's 32 registers, four with AVX2's 16.
+  constexpr int64_t kWidth = (kVectorRegisters == 32 ? 4 : 2) * kBlock<T>;
+  using V = Vec<T>;
+  constexpr int64_t L = kVectorLanes<T>;
+  static_assert(kTile % L == 0, "a tile's tokens are whole vectors");
+
+#pragma omp parallel if (parallel)
+  {
+    AlignedVector<T> h_k(kTile * C), h_v(kTile * C);  // the tile's normalised rows
+    // [K, kTile] each: gw_i . h_v, gA then gl, A, s; [kTile]: v's means
+    AlignedVector<T> dots(K * kTile), gl(K * kTile), a(K * kTile), s(K * kTile);
+    AlignedVector<T> mean_gh_v(kTile), mean_ghh_v(kTile), ghk_scratch(C);
+    T* ghk_row = ghk_scratch.data();  // a token's gh_k, before LayerNorm's backward
+    std::array<T, kTile> rstd_k{}, rstd_v{};
+    V counted[kTile / L];
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
+      const int64_t b = chunks.item(chunk);
+      T* partial = partials.chunk(chunk);
+      const T* qw_b = qw.queries.data() + b * K * C;
+      const T* gw_b = gw.queries.data() + b * K * C;
+      for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
+        const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
+        for (int64_t u = 0; u < kTile / L; ++u) {
+          for (int64_t l = 0; l < L; ++l) counted[u][l] = T(u * L + l < count);
+        }
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t row = b * N + n0 + t;
+          const T* xk = p.k_in + row * C;
+          const T* xv = p.v_in + row * C;
+          const T* known = p.known_stages == 1 ? p.known_stats + row * 4 : nullptr;
+          const NormStats<T> st = known != nullptr
+                                      ? NormStats<T>{known[0], known[1], known[2], known[3]}
+                                      : norm_stats(xk, xv, C, p.norm_eps);
+          rstd_k[t] = st.rstd_k;
+          rstd_v[t] = st.rstd_v;
+          T* hk = h_k.data() + t * C;
+          T* hv = h_v.data() + t * C;
+          for_each_block<T>(C, [&](int64_t c0, auto blk) {
+            using U = typename decltype(blk)::Unit;
+            constexpr int64_t S = decltype(blk)::kStride;
+            for (int64_t u = 0; u < blk.units; ++u) {
+              const int64_t c = c0 + u * S;
+              store(hk + c, (load<U>(xk + c) - st.mean_k) * st.rstd_k);
+              store(hv + c, (load<U>(xv + c) - st.mean_v) * st.rstd_v);
+            }
+          });
+        }
+        row_dots(gw_b, h_v.data(), K, count, C, dots.data(), kTile);  // gw_i . h_v
+        // Through the softmax, every token of the tile at once (slots as rows, as
+        // softmax_columns): A from attn (the tokens past `count` get A = 1 and no
+        // gradient, finite and never used), s_i = A_i - attn_eps renormalised (as the
+        // chain's backward), gA, the logits' gradient gl, and v's means. The tokens
+        // past `count` are left out of the sums by `counted`.
+        for (int64_t i = 0; i < K; ++i) {
+          std::copy_n(attn + (b * K + i) * N + n0, count, a.data() + i * kTile);
+          std::copy_n(g_attn + (b * K + i) * N + n0, count, gl.data() + i * kTile);
+          std::fill(a.data() + i * kTile + count, a.data() + (i + 1) * kTile, T(1));
+          std::fill(gl.data() + i * kTile + count, gl.data() + (i + 1) * kTile, T(0));
+        }
+        for (int64_t t0 = 0; t0 < kTile; t0 += L) {
+          V total{};
+          for (int64_t i = 0; i < K; ++i) {
+            total += load<V>(a.data() + i * kTile + t0) - p.attn_eps;
+          }
+          const V inverse = T(1) / total;
+          V weighted{}, gh_v{}, ghh_v{};
+          for (int64_t i = 0; i < K; ++i) {
+            const V a_i = load<V>(a.data() + i * kTile + t0);
+            const V d = load<V>(dots.data() + i * kTile + t0);
+            const V s_i = (a_i - p.attn_eps) * inverse;
+            const V g_a = load<V>(gl.data() + i * kTile + t0) + d +
+                          (g_sum[b * K + i] + gw.bias_dots[b * K + i]);
+            store(s.data() + i * kTile + t0, s_i);
+            store(gl.data() + i * kTile + t0, g_a);
+            weighted += s_i * g_a;
+            gh_v += a_i * gw.weight_sums[b * K + i];
+            ghh_v += a_i * d;
+          }
+          for (int64_t i = 0; i < K; ++i) {
+            T* g = gl.data() + i * kTile + t0;
+            store(g, load<V>(s.data() + i * kTile + t0) * (load<V>(g) - weighted));
+          }
+          store(mean_gh_v.data() + t0, gh_v * (T(1) / T(C)));
+          store(mean_ghh_v.data() + t0, ghh_v * (T(1) / T(C)));
+        }
+        for (int64_t i = 0; i < K; ++i) {
+          V gl_total{}, a_total{};
+          for (int64_t t0 = 0; t0 < kTile; t0 += L) {
+            gl_total += load<V>(gl.data() + i * kTile + t0) * counted[t0 / L];
+            a_total += load<V>(a.data() + i * kTile + t0) * counted[t0 / L];
+          }
+          partial[at_gl + i] += sum_lanes(reinterpret_cast<const T*>(&gl_total));
+          partial[at_a + i] += sum_lanes(reinterpret_cast<const T*>(&a_total));
+        }
+
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t n = n0 + t;
+          const T* hk = h_k.data() + t * C;
+          const T* hv = h_v.data() + t * C;
+          T* __restrict__ gk = grad_k_in + (b * N + n) * C;
+          T* __restrict__ gv = grad_v_in + (b * N + n) * C;
+          const T rk = rstd_k[t], rv = rstd_v[t];
+          if (n + kTile < chunks.end(chunk, N)) {
+            for (int64_t c = 0; c < C; c += kCacheLine / sizeof(T)) {
+              __builtin_prefetch(p.k_in + (b * N + n + kTile) * C + c, 0, 3);
+              __builtin_prefetch(p.v_in + (b * N + n + kTile) * C + c, 0, 3);
+            }
+          }
+          Vec<T> sums[2] = {};  // of gh_k and gh_k * h_k
+          for_each_block<T, kWidth>(C, [&](int64_t c0, auto blk) {
+            using Block = decltype(blk);
+            using U = typename Block::Unit;
+            constexpr int64_t S = Block::kStride;
+            U ghk[Block::kCapacity], ghv[Block::kCapacity];
+            for (int64_t u = 0; u < blk.units; ++u) ghk[u] = ghv[u] = U{};
+            for (int64_t i = 0; i < K; ++i) {
+              const T g = gl[i * kTile + t], w = a[i * kTile + t];
+              for (int64_t u = 0; u < blk.units; ++u) {
+                ghk[u] += g * load<U>(qw_b + i * C + c0 + u * S);
+                ghv[u] += w * load<U>(gw_b + i * C + c0 + u * S);
+              }
+            }
+            for (int64_t u = 0; u < blk.units; ++u) {
+              const int64_t c = c0 + u * S;
+              const U h = load<U>(hk + c);
+              store(ghk_row + c, ghk[u]);
+              add_lanes<T>(sums[0], ghk[u]);
+              add_lanes<T>(sums[1], ghk[u] * h);
+              store(gv + c, rv * (ghv[u] - mean_gh_v[t] - load<U>(hv + c) * mean_ghh_v[t]));
+            }
+          });
+          const T mean_gh_k = sum_lanes(reinterpret_cast<const T*>(&sums[0])) / T(C);
+          const T mean_ghh_k = sum_lanes(reinterpret_cast<const T*>(&sums[1])) / T(C);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            gk[c] = rk * (ghk_row[c] - mean_gh_k - hk[c] * mean_ghh_k);
+          }
+        }
+        weighted_row_sums(gl.data(), kTile, h_k.data(), C, count, K, C, partial, [] {});
+        weighted_row_sums(a.data(), kTile, h_v.data(), C, count, K, C, partial + at_h, [] {});
+      }
+    }
+  }
+
+  // Per batch item G, H and the sums; then the queries' and the norms' gradients.
+  AlignedVector<T> g_sums(B * K * C), h_sums(B * K * C);
+  std::vector<T> gl_sums(B * K), a_sums(B * K);
+  partials.reduce(chunks, 0, K * C, true, g_sums.data(), parallel);
+  partials.reduce(chunks, at_h, K * C, true, h_sums.data(), parallel);
+  partials.reduce(chunks, at_gl, K, true, gl_sums.data(), false);
+  partials.reduce(chunks, at_a, K, true, a_sums.data(), false);
+  for (T* g : grad_norms) std::fill_n(g, C, T(0));
+  for (int64_t r = 0; r < B * K; ++r) {
+    const T* G = g_sums.data() + r * C;
+    const T* H = h_sums.data() + r * C;
+    const T* q = p.queries + r * C;
+    const T* gvr = g_v + r * C;
+    T* gq = grad_queries + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      gq[c] = w_k[c] * G[c] + b_k[c] * gl_sums[r];
+      grad_norms[0][c] += q[c] * G[c];
+      grad_norms[1][c] += q[c] * gl_sums[r];
+      grad_norms[2][c] += gvr[c] * H[c];
+      grad_norms[3][c] += gvr[c] * a_sums[r];
+    }
+  }
+}
+
 // ---------------------------------------------------------------- host wrappers
 
 // Checks every argument and fills `p` with contiguous data; `storage` keeps the
@@ -1425,15 +1638,23 @@ PassGrads backward(const char* op, const at::Tensor& grad_attn, const at::Tensor
         grad_base_ptrs.push_back(grads.bases.back().mutable_data_ptr<scalar_t>());
       }
     }
+    const std::array<scalar_t*, 4> grad_norms{
+        grads.norms[0].mutable_data_ptr<scalar_t>(), grads.norms[1].mutable_data_ptr<scalar_t>(),
+        grads.norms[2].mutable_data_ptr<scalar_t>(), grads.norms[3].mutable_data_ptr<scalar_t>()};
+    if (rows == nullptr && p.depth == 1 && p.stages[0].empty() && p.factors.empty()) {
+      folded_backward_kernel<scalar_t>(
+          p, attn_c.const_data_ptr<scalar_t>(), g_attn.const_data_ptr<scalar_t>(),
+          g_sum.const_data_ptr<scalar_t>(), g_v.const_data_ptr<scalar_t>(),
+          grads.k_in.mutable_data_ptr<scalar_t>(), grads.v_in.mutable_data_ptr<scalar_t>(),
+          grad_norms, grads.queries.mutable_data_ptr<scalar_t>());
+      return;
+    }
     backward_kernel<scalar_t>(p, attn_c.const_data_ptr<scalar_t>(),
                               g_attn.const_data_ptr<scalar_t>(),
                               g_sum.const_data_ptr<scalar_t>(), g_v.const_data_ptr<scalar_t>(),
                               g_rows, grads.k_in.mutable_data_ptr<scalar_t>(),
                               grads.v_in.mutable_data_ptr<scalar_t>(),
-                              std::array<scalar_t*, 4>{grads.norms[0].mutable_data_ptr<scalar_t>(),
-                                                       grads.norms[1].mutable_data_ptr<scalar_t>(),
-                                                       grads.norms[2].mutable_data_ptr<scalar_t>(),
-                                                       grads.norms[3].mutable_data_ptr<scalar_t>()},
+                              grad_norms,
                               grads.queries.mutable_data_ptr<scalar_t>(), grad_base_ptrs,
                               grads.masks, grads.tables);
   });
