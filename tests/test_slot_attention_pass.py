@@ -255,14 +255,19 @@ def test_low_precision_matches_float64_reference(backend, layout):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("B,N,C", [(2, 8209, 128), (3, 12289, 40)])
-def test_float64_matches_reference_with_large_outputs(backend, B, N, C):
-    # Gradients of k_in and v_in past 16 MB: the CPU kernel of a plain one-stage
-    # pass writes them in non-temporal stores (every row aligned at C = 128, every
-    # other row at C = 40, the rest in plain stores).
+@pytest.mark.parametrize("B,N,C,layout", [
+    (2, 8209, 128, [(F, [])]),
+    (3, 12289, 40, [(F, [])]),
+    (2, 8209, 128, [(T, [(3, F)]), (T, [])]),
+    (3, 12289, 40, [(T, [])]),
+], ids=["C128-D1-plain", "C40-D1-plain", "C128-D2", "C40-D1-base"])
+def test_float64_matches_reference_with_large_outputs(backend, B, N, C, layout):
+    # Gradients of k_in, v_in and the bases past 16 MB: the CPU kernels write them
+    # in non-temporal stores (every row aligned at C = 128, every other row at
+    # C = 40, the rest in plain stores).
     if interpreted(backend):
         pytest.skip("too large for Triton's interpreter (a GPU runs it)")
-    case = Case(B, N, C, 7, [(F, [])], seed=N + C)
+    case = Case(B, N, C, 7, layout, seed=N + C)
     expected = case.forward_backward("reference")
     for a, e in zip(case.forward_backward(backend), expected, strict=True):
         assert_matches(a, e, F64_TOL)

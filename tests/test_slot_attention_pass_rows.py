@@ -89,6 +89,18 @@ def test_matches_reference_and_the_plain_pass(B, N, C, K, layout, dtype):
 
 
 @requires_kernels
+@pytest.mark.parametrize("layout", [[(F, [])], [(T, [(3, F)])]], ids=["D1-plain", "D1-base"])
+def test_matches_reference_with_large_outputs(layout):
+    # Gradients of k_in, v_in and the base past 16 MB: written in non-temporal stores.
+    case = Case(2, 8209, 128, 3, layout, seed=3)
+    prompts = prompts_of(case, batched=True, seed=4)
+    row_grads = row_grads_of(case)
+    expected = forward_backward(case, "reference", prompts, row_grads)
+    for a, e in zip(forward_backward(case, "cpu", prompts, row_grads), expected, strict=True):
+        assert_matches(a, e, TOLERANCES[torch.float64])
+
+
+@requires_kernels
 def test_non_contiguous_inputs():
     case = Case(3, 263, 16, 5, [(T, [(3, F)]), (T, [])], seed=3)
     prompts = prompts_of(case, batched=True, seed=4)

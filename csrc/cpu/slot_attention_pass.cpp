@@ -881,6 +881,47 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
 
 // ---------------------------------------------------------------- backward
 
+// dst[0, C) = src[0, C), a row of a large output, in non-temporal stores where
+// dst's vectors are whole and aligned: they write the line without first reading it
+// into the cache (the read a plain store to a line not in cache makes). A leaf
+// pass backward at B = 8, N = 4096 (its gradients 32 MB) ran 8-13% faster so, the
+// training step ~6%; with its outputs in the last-level cache (B = 1) it would be
+// slower, as the next op then reads them from memory: only past kStreamBytes.
+template <typename T>
+inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t C) {
+  constexpr int64_t L = kVectorLanes<T>;
+  if (reinterpret_cast<uintptr_t>(dst) % kVectorBytes != 0 || C % L != 0) {
+    std::copy_n(src, C, dst);
+    return;
+  }
+  for (int64_t c = 0; c < C; c += L) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst + c, _mm512_loadu_ps(src + c));
+    else _mm512_stream_pd(dst + c, _mm512_loadu_pd(src + c));
+#elif defined(__AVX__)
+    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
+    else _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
+#elif defined(__SSE2__)
+    if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
+    else _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
+#else
+    store(dst + c, load<Vec<T>>(src + c));
+#endif
+  }
+}
+
+// Orders a thread's streamed rows before what follows (the end of the parallel
+// region, after which other threads read them).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Outputs past this many bytes are written by stream_row.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+
 struct GradPartialLayout {
   int64_t queries;                    // [K,C] of the chunk's batch item
   int64_t prompts;                    // [K,C] (a pass handing down rows)
@@ -952,6 +993,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
   std::vector<T*> grad_mask_ptrs;
   for (auto& g : grad_masks) grad_mask_ptrs.push_back(g.mutable_data_ptr<T>());
   const bool parallel = p.batch * N * C * (K + 4 * D) >= kMinParallelWork;
+  const bool stream = 2 * p.batch * N * C * int64_t(sizeof(T)) > kStreamBytes;
 
 #pragma omp parallel if (parallel)
   {
@@ -961,6 +1003,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
     AlignedVector<T> pf(rows ? C : 0), g_pf(rows ? kTile * C : 0);  // a token's; the tile's
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
+    AlignedVector<T> g_scratch(stream ? 3 * C : 0);  // a token's gk, gv and base gradient
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks.count; ++chunk) {
       const int64_t b = chunks.item(chunk);
@@ -985,8 +1028,10 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
             total += s.probs[i];
           }
           for (int64_t i = 0; i < K; ++i) s.probs[i] /= total;
-          T* __restrict__ gk = grad_k_in + (b * N + n) * C;
-          T* __restrict__ gv = grad_v_in + (b * N + n) * C;
+          T* const gk_out = grad_k_in + (b * N + n) * C;
+          T* const gv_out = grad_v_in + (b * N + n) * C;
+          T* __restrict__ gk = stream ? g_scratch.data() : gk_out;  // streamed from scratch
+          T* __restrict__ gv = stream ? g_scratch.data() + C : gv_out;
           const T* __restrict__ v = s.v.data();
           const T* g_rk = rows ? g_rows.k + (b * N + n) * C : nullptr;
           const T* g_rv = rows ? g_rows.v + (b * N + n) * C : nullptr;
@@ -1059,7 +1104,8 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
             const Modulation<T>& m = p.stages[d];
             if (!m.empty()) {
               const T* mod = s.mod_rows[d];
-              T* g_base = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
+              T* g_base_out = grad_bases[d] != nullptr ? grad_bases[d] + (b * N + n) * C : nullptr;
+              T* g_base = stream && g_base_out != nullptr ? g_scratch.data() + 2 * C : g_base_out;
               // Per block: the modulation's gradient gm (straight into its backward),
               // then gk, gv times the modulation (the gradients of the affine's output).
               for_each_block<T>(C, [&](int64_t c0, auto blk) {
@@ -1078,10 +1124,15 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
                                           s.values.data() + m.begin * C, gm, g_base, t,
                                           mod_grad);
               });
+              if (g_base != g_base_out) stream_row(g_base_out, g_base, C);
             }
             T* gnorm = norm_partial + d * C;
             affine_norm_backward(hk, s.stats[d].rstd_k, wk, C, gk, gnorm, gnorm + D * C);
             affine_norm_backward(hv, s.stats[d].rstd_v, wv, C, gv, gnorm + 2 * D * C, gnorm + 3 * D * C);
+          }
+          if (stream) {
+            stream_row(gk_out, gk, C);
+            stream_row(gv_out, gv, C);
           }
         }
         for (const Modulation<T>& m : p.stages) {
@@ -1097,6 +1148,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
         }
       }
     }
+    stream_fence();
   }
   partials.reduce(chunks, layout.queries, K * C, true, grad_queries, parallel);
   if (rows) {
@@ -1133,46 +1185,6 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
 // 170 with its rows in the last-level cache). The tile's scalar work (the softmax's
 // backward) runs over its tokens as vectors, and each token prefetches its row of
 // the next tile (~10% at B = 8: the rows come from memory).
-// dst[0, C) = src[0, C), a row of a large output, in non-temporal stores where
-// dst's vectors are whole and aligned: they write the line without first reading it
-// into the cache (the read a plain store to a line not in cache makes). A leaf
-// pass backward at B = 8, N = 4096 (its gradients 32 MB) ran 8-13% faster so, the
-// training step ~6%; with its outputs in the last-level cache (B = 1) it would be
-// slower, as the next op then reads them from memory: only past kStreamBytes.
-template <typename T>
-inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t C) {
-  constexpr int64_t L = kVectorLanes<T>;
-  if (reinterpret_cast<uintptr_t>(dst) % kVectorBytes != 0 || C % L != 0) {
-    std::copy_n(src, C, dst);
-    return;
-  }
-  for (int64_t c = 0; c < C; c += L) {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst + c, _mm512_loadu_ps(src + c));
-    else _mm512_stream_pd(dst + c, _mm512_loadu_pd(src + c));
-#elif defined(__AVX__)
-    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
-    else _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
-#elif defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
-    else _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
-#else
-    store(dst + c, load<Vec<T>>(src + c));
-#endif
-  }
-}
-
-// Orders a thread's streamed rows before what follows (the end of the parallel
-// region, after which other threads read them).
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-// Outputs past this many bytes are written by stream_row.
-constexpr int64_t kStreamBytes = int64_t{16} << 20;
-
 template <typename T>
 void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* g_sum,
                             const T* g_v, T* grad_k_in, T* grad_v_in,
