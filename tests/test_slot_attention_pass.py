@@ -263,8 +263,8 @@ def test_low_precision_matches_float64_reference(backend, layout):
 ], ids=["C128-D1-plain", "C40-D1-plain", "C128-D2", "C40-D1-base"])
 def test_float64_matches_reference_with_large_outputs(backend, B, N, C, layout):
     # Gradients of k_in, v_in and the bases past 16 MB: the CPU kernels write them
-    # in non-temporal stores (every row aligned at C = 128, every other row at
-    # C = 40, the rest in plain stores).
+    # in non-temporal stores (rows of 128 and of 40 float64 values: whole vectors,
+    # each row aligned).
     if interpreted(backend):
         pytest.skip("too large for Triton's interpreter (a GPU runs it)")
     case = Case(B, N, C, 7, layout, seed=N + C)

@@ -117,9 +117,13 @@ const T* make_dense(const char* op, const char* name, const std::optional<at::Te
 // The even and the odd slots are summed apart: a block is only a few registers, so
 // one chain of dependent multiply-adds per register would wait on each one's
 // latency (four cycles) for most of a long mixture.
+// (Inlined by force: called once a block, GCC left some calls out of line, which
+// passed the block through the stack; the rows pass ~10% faster inlined.)
 template <typename T, typename Block>
-inline void mix_block(const T* weights, int64_t N, const T* __restrict__ rows, int64_t K,
-                      int64_t C, Block blk, typename Block::Unit* __restrict__ f) {
+__attribute__((always_inline)) inline void mix_block(const T* weights, int64_t N,
+                                                     const T* __restrict__ rows, int64_t K,
+                                                     int64_t C, Block blk,
+                                                     typename Block::Unit* __restrict__ f) {
   using U = typename Block::Unit;
   constexpr int64_t S = Block::kStride;
   const T w0 = weights[0];

@@ -83,9 +83,6 @@
 // bitwise independent of the thread count.
 
 #include <ATen/Dispatch.h>
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -116,6 +113,7 @@ struct HandDown {
   T* modulation = nullptr;  // [B,N,C], written (may be the last stage's base)
   T* rows_k = nullptr;      // or [B,N,C] each, written (may be k_in, v_in)
   T* rows_v = nullptr;
+  bool stream_rows = false;  // rows_k, rows_v written in non-temporal stores (streams)
   Factor<T> pf;             // masks: the attn output (hand_down_tile reads the same A
                             // from the tile's compact [K, kTile] block)
   const T* child_queries = nullptr;  // [B,K_c,C]: the child's first pass, or null
@@ -653,6 +651,9 @@ inline void hand_down_tile(const Pass<T>& p, const Tile<T>& tile, const T* attn,
         const U kp = load<U>(k + c) * pf[u], vp = load<U>(v + c) * pf[u];
         if (out != nullptr) {
           store(out + c, mod != nullptr ? load<U>(mod + c) * pf[u] : pf[u]);
+        } else if (p.hand_down.stream_rows) {
+          store_streaming(out_k + c, kp);
+          store_streaming(out_v + c, vp);
         } else {
           store(out_k + c, kp);
           store(out_v + c, vp);
@@ -864,6 +865,7 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
         }
       }
     }
+    stream_fence();  // the hand-down's rows
   }
   partials.reduce(chunks, 0, K * C, true, out.attn_v, parallel);
   partials.reduce(chunks, K * C, K, true, out.attn_sum, parallel);
@@ -880,47 +882,6 @@ void forward_kernel(const Pass<T>& p, const Outputs<T>& out) {
 }
 
 // ---------------------------------------------------------------- backward
-
-// dst[0, C) = src[0, C), a row of a large output, in non-temporal stores where
-// dst's vectors are whole and aligned: they write the line without first reading it
-// into the cache (the read a plain store to a line not in cache makes). A leaf
-// pass backward at B = 8, N = 4096 (its gradients 32 MB) ran 8-13% faster so, the
-// training step ~6%; with its outputs in the last-level cache (B = 1) it would be
-// slower, as the next op then reads them from memory: only past kStreamBytes.
-template <typename T>
-inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t C) {
-  constexpr int64_t L = kVectorLanes<T>;
-  if (reinterpret_cast<uintptr_t>(dst) % kVectorBytes != 0 || C % L != 0) {
-    std::copy_n(src, C, dst);
-    return;
-  }
-  for (int64_t c = 0; c < C; c += L) {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(dst + c, _mm512_loadu_ps(src + c));
-    else _mm512_stream_pd(dst + c, _mm512_loadu_pd(src + c));
-#elif defined(__AVX__)
-    if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(dst + c, _mm256_loadu_ps(src + c));
-    else _mm256_stream_pd(dst + c, _mm256_loadu_pd(src + c));
-#elif defined(__SSE2__)
-    if constexpr (std::is_same_v<T, float>) _mm_stream_ps(dst + c, _mm_loadu_ps(src + c));
-    else _mm_stream_pd(dst + c, _mm_loadu_pd(src + c));
-#else
-    store(dst + c, load<Vec<T>>(src + c));
-#endif
-  }
-}
-
-// Orders a thread's streamed rows before what follows (the end of the parallel
-// region, after which other threads read them).
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
-// Outputs past this many bytes are written by stream_row.
-constexpr int64_t kStreamBytes = int64_t{16} << 20;
-
 
 struct GradPartialLayout {
   int64_t queries;                    // [K,C] of the chunk's batch item
@@ -993,7 +954,9 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
   std::vector<T*> grad_mask_ptrs;
   for (auto& g : grad_masks) grad_mask_ptrs.push_back(g.mutable_data_ptr<T>());
   const bool parallel = p.batch * N * C * (K + 4 * D) >= kMinParallelWork;
-  const bool stream = 2 * p.batch * N * C * int64_t(sizeof(T)) > kStreamBytes;
+  const int64_t out_bytes = 2 * p.batch * N * C * int64_t(sizeof(T));  // gk and gv
+  bool stream = streams(grad_k_in, C, out_bytes) && streams(grad_v_in, C, out_bytes);
+  for (const T* g : grad_bases) stream = stream && (g == nullptr || streams(g, C, out_bytes));
 
 #pragma omp parallel if (parallel)
   {
@@ -1018,6 +981,18 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
         const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
+          if (n + kTile < chunks.end(chunk, N)) {  // the rows the token a tile ahead reads
+            const int64_t ahead = (b * N + n + kTile) * C;
+            prefetch_row(p.k_in + ahead, C);
+            prefetch_row(p.v_in + ahead, C);
+            for (const Modulation<T>& m : p.stages) {
+              if (m.base != nullptr) prefetch_row(m.base + ahead, C);
+            }
+            if (rows) {
+              prefetch_row(g_rows.k + ahead, C);
+              prefetch_row(g_rows.v + ahead, C);
+            }
+          }
           T* k = tile.rows.data() + t * tile.channel_stride;
           run_chain<Kept::chain, T>(p, b, n, &s, s.stats.data(), nullptr, k, s.v.data());
           // The softmax, renormalised: attn - attn_eps sums to 1 only up to rounding,
@@ -1201,7 +1176,8 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
   const int64_t at_h = K * C, at_gl = 2 * K * C, at_a = 2 * K * C + K;
   Partials<T> partials(chunks.count, 2 * K * C + 2 * K);
   const bool parallel = B * N * C * K >= kMinParallelWork;
-  const bool stream = 2 * B * N * C * int64_t(sizeof(T)) > kStreamBytes;
+  const int64_t out_bytes = 2 * B * N * C * int64_t(sizeof(T));  // gk and gv
+  const bool stream = streams(grad_k_in, C, out_bytes) && streams(grad_v_in, C, out_bytes);
   // A token's sweep keeps two accumulators a unit, each a chain of K multiply-adds:
   // eight chains each in flight with AVX-512's 32 registers, four with AVX2's 16.
   constexpr int64_t kWidth = (kVectorRegisters == 32 ? 4 : 2) * kBlock<T>;
@@ -1311,10 +1287,8 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
           T* __restrict__ gv_out = stream ? gv_row : gv;
           const T rk = rstd_k[t], rv = rstd_v[t];
           if (n + kTile < chunks.end(chunk, N)) {
-            for (int64_t c = 0; c < C; c += kCacheLine / sizeof(T)) {
-              __builtin_prefetch(p.k_in + (b * N + n + kTile) * C + c, 0, 3);
-              __builtin_prefetch(p.v_in + (b * N + n + kTile) * C + c, 0, 3);
-            }
+            prefetch_row(p.k_in + (b * N + n + kTile) * C, C);
+            prefetch_row(p.v_in + (b * N + n + kTile) * C, C);
           }
           Vec<T> sums[2] = {};  // of gh_k and gh_k * h_k
           for_each_block<T, kWidth>(C, [&](int64_t c0, auto blk) {
@@ -1527,6 +1501,12 @@ HandDownOutputs forward(const char* op, const PassArgs& args, const HandDownArgs
         check_written("hand_down_v", *hd->hand_down_v);
         p.hand_down.rows_k = hd->hand_down.mutable_data_ptr<scalar_t>();
         p.hand_down.rows_v = hd->hand_down_v->mutable_data_ptr<scalar_t>();
+        // Fresh rows (training's) stream; rows over the inputs (inference's) are
+        // lines the pass has just read.
+        const int64_t bytes = 2 * B * N * C * int64_t(sizeof(scalar_t));
+        p.hand_down.stream_rows = p.hand_down.rows_k != p.k_in && p.hand_down.rows_v != p.v_in &&
+                                  streams(p.hand_down.rows_k, C, bytes) &&
+                                  streams(p.hand_down.rows_v, C, bytes);
       } else {
         p.hand_down.modulation = hd->hand_down.mutable_data_ptr<scalar_t>();
       }
