@@ -103,6 +103,10 @@ void backward_kernel(const std::vector<Factor<T>>& factors, const T* base, const
         for (int64_t t = 0; t < count; ++t) {
           // The mixtures are recomputed: cheaper than storing J [B,N,C] tensors.
           const int64_t n = n0 + t, row = (b * N + n) * C;
+          if (n + kTile < chunk_end) {
+            prefetch_row(grad + row + kTile * C, C);
+            if (base != nullptr) prefetch_row(base + row + kTile * C, C);
+          }
           for_each_block<T>(C, [&](int64_t c0, auto blk) {
             using Block = decltype(blk);
             using U = typename Block::Unit;
