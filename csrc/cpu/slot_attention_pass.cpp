@@ -165,7 +165,7 @@ struct NormStats {
   T mean_k, rstd_k, mean_v, rstd_v;
 };
 
-// The backward's per-thread scratch: what it keeps of one token's chain.
+// What the backward keeps of one token's chain (one per token of a tile).
 template <typename T>
 struct Scratch {
   int64_t C;
@@ -175,15 +175,11 @@ struct Scratch {
   std::vector<const T*> mod_rows;   // [D] each stage's modulation: in `mod`, its base
                                     // row itself (no factors), or null (neither)
   AlignedVector<T> values;          // [J,C] factor mixtures (backward)
-  AlignedVector<T> v;               // [C] the chain's v output (backward)
-  AlignedVector<T> probs;           // [K] softmax s_i
 
   Scratch(const Pass<T>& p)
       : C(p.channels),
         h_k(p.depth * C), h_v(p.depth * C), stats(p.depth),
-        mod(p.depth * C), mod_rows(p.depth), values(std::max<size_t>(p.factors.size(), 1) * C),
-        v(C),
-        probs(p.slots) {}
+        mod(p.depth * C), mod_rows(p.depth), values(std::max<size_t>(p.factors.size(), 1) * C) {}
 };
 
 // The statistics from the sums over C of x - shift and of its squares, for k
@@ -939,6 +935,47 @@ struct RowGrads {
   T* prompts = nullptr;  // [B or 1,K,C]
 };
 
+// Through the softmax, for the `count` tokens of a tile from n0 at once (slots as
+// rows, as softmax_columns): a[i, t] = A_i from attn, s_i = A_i - attn_eps
+// renormalised (attn - attn_eps sums to 1 only up to rounding; with one slot the
+// exact 1 keeps that slot's logit gradient exactly 0), gA_i = g_attn + slot_terms[i]
+// + dots[i, t] (+ more_dots[i, t]), and into gl[i, t] the logits' gradient
+// s_i (gA_i - sum_j s_j gA_j). [K, kTile] each; the tokens past `count` get A = 1
+// and no gradient of their own (finite, and never summed).
+template <typename T>
+inline void softmax_backward_tile(const T* attn, const T* g_attn, int64_t N, int64_t count,
+                                  int64_t K, T attn_eps, const T* slot_terms, const T* dots,
+                                  const T* more_dots, T* __restrict__ a, T* __restrict__ s,
+                                  T* __restrict__ gl) {
+  using V = Vec<T>;
+  constexpr int64_t L = kVectorLanes<T>;
+  static_assert(kTile % L == 0, "a tile's tokens are whole vectors");
+  for (int64_t i = 0; i < K; ++i) {
+    std::copy_n(attn + i * N, count, a + i * kTile);
+    std::copy_n(g_attn + i * N, count, gl + i * kTile);
+    std::fill(a + i * kTile + count, a + (i + 1) * kTile, T(1));
+    std::fill(gl + i * kTile + count, gl + (i + 1) * kTile, T(0));
+  }
+  for (int64_t t0 = 0; t0 < kTile; t0 += L) {
+    V total{};
+    for (int64_t i = 0; i < K; ++i) total += load<V>(a + i * kTile + t0) - attn_eps;
+    V weighted{};
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t at = i * kTile + t0;
+      const V s_i = (load<V>(a + at) - attn_eps) / total;
+      V g_a = load<V>(gl + at) + load<V>(dots + at) + slot_terms[i];
+      if (more_dots != nullptr) g_a += load<V>(more_dots + at);
+      store(s + at, s_i);
+      store(gl + at, g_a);
+      weighted += s_i * g_a;
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t at = i * kTile + t0;
+      store(gl + at, load<V>(s + at) * (load<V>(gl + at) - weighted));
+    }
+  }
+}
+
 template <typename T>
 void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* g_sum,
                      const T* g_v, const RowGrads<T>& g_rows, T* grad_k_in, T* grad_v_in,
@@ -960,10 +997,13 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
 
 #pragma omp parallel if (parallel)
   {
-    Scratch<T> s(p);
-    Tile<T> tile(K, C, Kept::chain);
-    AlignedVector<T> g_a(K), g_pf_dots(K);
-    AlignedVector<T> pf(rows ? C : 0), g_pf(rows ? kTile * C : 0);  // a token's; the tile's
+    std::vector<Scratch<T>> chains(kTile, Scratch<T>(p));  // the tile's tokens'
+    Tile<T> tile(K, C, Kept::chain);  // k rows; attn: the logits' gradients gl
+    // [kTile, C]: the tokens' v; with rows, their pf and the rows' gradient gpf.
+    AlignedVector<T> v_rows(kTile * C), pf(rows ? kTile * C : 0), g_pf(rows ? kTile * C : 0);
+    // [K, kTile]: g_v . v, prompts . gpf, A, s
+    AlignedVector<T> v_dots(K * kTile), pf_dots(rows ? K * kTile : 0), a(K * kTile),
+        probs(K * kTile);
     ModulationGrad<T> mod_grad(J, C);
     std::vector<T*> table_partials(J);
     AlignedVector<T> g_scratch(stream ? 3 * C : 0);  // a token's gk, gv and base gradient
@@ -979,6 +1019,8 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
       const T* prompts = rows ? p.hand_down.pf.rows(b, C) : nullptr;
       for (int64_t n0 = chunks.begin(chunk); n0 < chunks.end(chunk, N); n0 += kTile) {
         const int64_t count = std::min(kTile, chunks.end(chunk, N) - n0);
+        // Each token's chain (its k and v into the tile, what its backward needs into
+        // its Scratch); with rows, pf and gpf = g_rk * k + g_rv * v.
         for (int64_t t = 0; t < count; ++t) {
           const int64_t n = n0 + t;
           if (n + kTile < chunks.end(chunk, N)) {  // the rows the token a tile ahead reads
@@ -993,24 +1035,14 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
               prefetch_row(g_rows.v + ahead, C);
             }
           }
+          Scratch<T>& s = chains[t];
           T* k = tile.rows.data() + t * tile.channel_stride;
-          run_chain<Kept::chain, T>(p, b, n, &s, s.stats.data(), nullptr, k, s.v.data());
-          // The softmax, renormalised: attn - attn_eps sums to 1 only up to rounding,
-          // and with one slot the exact 1 keeps that slot's logit gradient exactly 0.
-          T total = 0;
-          for (int64_t i = 0; i < K; ++i) {
-            s.probs[i] = attn[(b * K + i) * N + n] - p.attn_eps;
-            total += s.probs[i];
-          }
-          for (int64_t i = 0; i < K; ++i) s.probs[i] /= total;
-          T* const gk_out = grad_k_in + (b * N + n) * C;
-          T* const gv_out = grad_v_in + (b * N + n) * C;
-          T* __restrict__ gk = stream ? g_scratch.data() : gk_out;  // streamed from scratch
-          T* __restrict__ gv = stream ? g_scratch.data() + C : gv_out;
-          const T* __restrict__ v = s.v.data();
-          const T* g_rk = rows ? g_rows.k + (b * N + n) * C : nullptr;
-          const T* g_rv = rows ? g_rows.v + (b * N + n) * C : nullptr;
-          if (rows) {  // pf, the rows' gradient gpf, and gpf's share of each A_i's
+          T* v = v_rows.data() + t * C;
+          run_chain<Kept::chain, T>(p, b, n, &s, s.stats.data(), nullptr, k, v);
+          if (rows) {
+            const T* g_rk = g_rows.k + (b * N + n) * C;
+            const T* g_rv = g_rows.v + (b * N + n) * C;
+            T* pf_t = pf.data() + t * C;
             T* gpf = g_pf.data() + t * C;
             for_each_block<T>(C, [&](int64_t c0, auto blk) {
               using Block = decltype(blk);
@@ -1020,27 +1052,32 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
               mix_block(attn + b * K * N + n, N, prompts + c0, K, C, blk, mix);
               for (int64_t u = 0; u < blk.units; ++u) {
                 const int64_t c = c0 + u * S;
-                store(pf.data() + c, mix[u]);
+                store(pf_t + c, mix[u]);
                 store(gpf + c,
                       load<U>(g_rk + c) * load<U>(k + c) + load<U>(g_rv + c) * load<U>(v + c));
               }
             });
-            row_dots(prompts, gpf, K, 1, C, g_pf_dots.data(), 1);
           }
+        }
+        // gA's dots for the whole tile (g_v[i] . v; prompts_i . gpf, the rows' mixture
+        // pf's share), then the softmax's backward: the logits' gradients gl into the
+        // tile, for the query gradient (a product over the tile's tokens, below).
+        row_dots(gv_b, v_rows.data(), K, count, C, v_dots.data(), kTile);
+        if (rows) row_dots(prompts, g_pf.data(), K, count, C, pf_dots.data(), kTile);
+        softmax_backward_tile(attn + b * K * N + n0, g_attn + b * K * N + n0, N, count, K,
+                              p.attn_eps, g_sum + b * K, v_dots.data(),
+                              rows ? pf_dots.data() : nullptr, a.data(), probs.data(),
+                              tile.attn.data());
 
-          // Through the softmax: g_a becomes the logits' gradient gl, kept in the tile
-          // for the query gradient (a product over the tile's tokens, below).
-          row_dots(gv_b, v, K, 1, C, g_a.data(), 1);
-          T weighted = 0;
-          for (int64_t i = 0; i < K; ++i) {
-            g_a[i] += g_attn[(b * K + i) * N + n] + g_sum[b * K + i] +
-                      (rows ? g_pf_dots[i] : T(0));
-            weighted += s.probs[i] * g_a[i];
-          }
-          for (int64_t i = 0; i < K; ++i) {
-            g_a[i] = s.probs[i] * (g_a[i] - weighted);
-            tile.attn[i * kTile + t] = g_a[i];
-          }
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t n = n0 + t;
+          const Scratch<T>& s = chains[t];
+          T* const gk_out = grad_k_in + (b * N + n) * C;
+          T* const gv_out = grad_v_in + (b * N + n) * C;
+          T* __restrict__ gk = stream ? g_scratch.data() : gk_out;  // streamed from scratch
+          T* __restrict__ gv = stream ? g_scratch.data() + C : gv_out;
+          const T* g_rk = rows ? g_rows.k + (b * N + n) * C : nullptr;
+          const T* g_rv = rows ? g_rows.v + (b * N + n) * C : nullptr;
           for_each_block<T>(C, [&](int64_t c0, auto blk) {
             using Block = decltype(blk);
             using U = typename Block::Unit;
@@ -1048,15 +1085,15 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
             U gk_sum[Block::kCapacity], gv_sum[Block::kCapacity];
             for (int64_t u = 0; u < blk.units; ++u) gk_sum[u] = gv_sum[u] = U{};
             for (int64_t i = 0; i < K; ++i) {
-              const T gl = g_a[i], a = s.probs[i] + p.attn_eps;
+              const T gl = tile.attn[i * kTile + t], a_i = a[i * kTile + t];
               for (int64_t u = 0; u < blk.units; ++u) {
                 gk_sum[u] += gl * load<U>(q + i * C + c0 + u * S);
-                gv_sum[u] += a * load<U>(gv_b + i * C + c0 + u * S);
+                gv_sum[u] += a_i * load<U>(gv_b + i * C + c0 + u * S);
               }
             }
             if (rows) {
               for (int64_t u = 0; u < blk.units; ++u) {
-                const U pf_c = load<U>(pf.data() + c0 + u * S);
+                const U pf_c = load<U>(pf.data() + t * C + c0 + u * S);
                 gk_sum[u] += load<U>(g_rk + c0 + u * S) * pf_c;
                 gv_sum[u] += load<U>(g_rv + c0 + u * S) * pf_c;
               }
@@ -1188,8 +1225,8 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
 #pragma omp parallel if (parallel)
   {
     AlignedVector<T> h_k(kTile * C), h_v(kTile * C);  // the tile's normalised rows
-    // [K, kTile] each: gw_i . h_v, gA then gl, A, s; [kTile]: v's means
-    AlignedVector<T> dots(K * kTile), gl(K * kTile), a(K * kTile), s(K * kTile);
+    // [K, kTile] each: gw_i . h_v, gl, A, s; [K]: gA's slot terms; [kTile]: v's means
+    AlignedVector<T> dots(K * kTile), gl(K * kTile), a(K * kTile), s(K * kTile), slot_terms(K);
     AlignedVector<T> mean_gh_v(kTile), mean_ghh_v(kTile), ghk_scratch(C);
     AlignedVector<T> gv_scratch(C);
     T* ghk_row = ghk_scratch.data();  // a token's gh_k, then its gradient gk
@@ -1230,43 +1267,23 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
           });
         }
         row_dots(gw_b, h_v.data(), K, count, C, dots.data(), kTile);  // gw_i . h_v
-        // Through the softmax, every token of the tile at once (slots as rows, as
-        // softmax_columns): A from attn (the tokens past `count` get A = 1 and no
-        // gradient, finite and never used), s_i = A_i - attn_eps renormalised (as the
-        // chain's backward), gA, the logits' gradient gl, and v's means. The tokens
-        // past `count` are left out of the sums by `counted`.
-        for (int64_t i = 0; i < K; ++i) {
-          std::copy_n(attn + (b * K + i) * N + n0, count, a.data() + i * kTile);
-          std::copy_n(g_attn + (b * K + i) * N + n0, count, gl.data() + i * kTile);
-          std::fill(a.data() + i * kTile + count, a.data() + (i + 1) * kTile, T(1));
-          std::fill(gl.data() + i * kTile + count, gl.data() + (i + 1) * kTile, T(0));
-        }
+        // Through the softmax (gA's slot terms: g_sum + g_v[i] . b_v), then v's means
+        // per token.
+        for (int64_t i = 0; i < K; ++i) slot_terms[i] = g_sum[b * K + i] + gw.bias_dots[b * K + i];
+        softmax_backward_tile(attn + b * K * N + n0, g_attn + b * K * N + n0, N, count, K,
+                              p.attn_eps, slot_terms.data(), dots.data(),
+                              static_cast<const T*>(nullptr), a.data(), s.data(), gl.data());
         for (int64_t t0 = 0; t0 < kTile; t0 += L) {
-          V total{};
-          for (int64_t i = 0; i < K; ++i) {
-            total += load<V>(a.data() + i * kTile + t0) - p.attn_eps;
-          }
-          const V inverse = T(1) / total;
-          V weighted{}, gh_v{}, ghh_v{};
+          V gh_v{}, ghh_v{};
           for (int64_t i = 0; i < K; ++i) {
             const V a_i = load<V>(a.data() + i * kTile + t0);
-            const V d = load<V>(dots.data() + i * kTile + t0);
-            const V s_i = (a_i - p.attn_eps) * inverse;
-            const V g_a = load<V>(gl.data() + i * kTile + t0) + d +
-                          (g_sum[b * K + i] + gw.bias_dots[b * K + i]);
-            store(s.data() + i * kTile + t0, s_i);
-            store(gl.data() + i * kTile + t0, g_a);
-            weighted += s_i * g_a;
             gh_v += a_i * gw.weight_sums[b * K + i];
-            ghh_v += a_i * d;
-          }
-          for (int64_t i = 0; i < K; ++i) {
-            T* g = gl.data() + i * kTile + t0;
-            store(g, load<V>(s.data() + i * kTile + t0) * (load<V>(g) - weighted));
+            ghh_v += a_i * load<V>(dots.data() + i * kTile + t0);
           }
           store(mean_gh_v.data() + t0, gh_v * (T(1) / T(C)));
           store(mean_ghh_v.data() + t0, ghh_v * (T(1) / T(C)));
         }
+        // The tokens past `count` are left out of the sums by `counted`.
         for (int64_t i = 0; i < K; ++i) {
           V gl_total{}, a_total{};
           for (int64_t t0 = 0; t0 < kTile; t0 += L) {
