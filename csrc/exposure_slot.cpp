@@ -116,6 +116,17 @@ TORCH_LIBRARY(exposure_slot, m) {
       "Tensor to_q_weight, Tensor to_q_bias, float scale, float norm_eps) "
       "-> (Tensor slots, Tensor queries)",
       {at::Tag::pt2_compliant_tag});
+  // Its backward (the autograd formula's; training): from the gradients of the new
+  // slots and the queries, those of slots, attn_sum, attn_v and the 14 weights.
+  m.def(
+      "slot_update_backward(Tensor grad_slots, Tensor grad_queries, Tensor slots, "
+      "Tensor attn_sum, Tensor attn_v, Tensor gru_weight_ih, Tensor gru_weight_hh, "
+      "Tensor gru_bias_ih, Tensor gru_bias_hh, Tensor norm_pre_ff_weight, "
+      "Tensor norm_pre_ff_bias, Tensor mlp_weight_1, Tensor mlp_bias_1, Tensor mlp_weight_2, "
+      "Tensor mlp_bias_2, Tensor norm_slots_weight, Tensor norm_slots_bias, "
+      "Tensor to_q_weight, Tensor to_q_bias, float scale, float norm_eps) "
+      "-> (Tensor grad_slots, Tensor grad_attn_sum, Tensor grad_attn_v, Tensor[] grad_weights)",
+      {at::Tag::pt2_compliant_tag});
 
   // SlotInSlotAttention's whole forward for inference (no autograd), L levels of
   // K_d slots and `iters` iterations: (prompt_map [B,N,C], slot_map [B,N,C],

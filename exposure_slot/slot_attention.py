@@ -49,6 +49,7 @@ from . import ops
 from .backends import resolve_backend, validate_backend
 from .ops import mask_fusion_reference, slot_in_slot_inference
 from .ops.slot_attention_pass import stacked_norms
+from .ops.slot_update import level_weights
 
 EPS = 1e-8  # added to the attention after the softmax, as released
 
@@ -254,8 +255,13 @@ class SlotInSlotAttention(nn.Module):
                 attn, attn_sum, attn_v, stats = ops.slot_attention_pass(
                     k_in, v_in, *norms, *stages, queries, stats, level.norm_k_inp.eps, EPS,
                     backend=backend, validate_args=False)
-            slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
-            queries = level.to_q(level.norm_slots(slots)) * level.scale
+            if backend == "cpu":  # one op (and one autograd node) for the whole update
+                slots, queries = ops.slot_update(slots, attn_sum, attn_v, level_weights(level),
+                                                 level.scale, level.norm_slots.eps,
+                                                 backend=backend, validate_args=False)
+            else:
+                slots = level.refine(level.update(slots, attn_v / attn_sum.unsqueeze(-1)))
+                queries = level.to_q(level.norm_slots(slots)) * level.scale
             if has_child:
                 pf = (attn, level.prompts)
                 if hands_down_rows:  # the pass has handed the child its input rows

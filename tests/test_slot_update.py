@@ -1,11 +1,14 @@
-"""The slot update op (CPU, inference): against its PyTorch twin, the twin against
-``SlotLevel``'s own ATen steps, its torch.library registration, determinism and
+"""The slot update op (CPU) and its backward: against the PyTorch twin (forward and
+the gradients of every input), the twin against ``SlotLevel``'s own ATen steps, the
+torch.library registration (opcheck, gradcheck, fake kernels), determinism and
 errors.
 
-Tolerances, relative to the largest magnitude of the expected output:
-- float64 kernel vs float64 twin: 1e-12 (sums in another order; observed ~1e-15);
-- float32 kernel vs float64 twin on the same values: 2e-6 (five chained C x C
-  products and two LayerNorms in float32; observed 1-3e-7);
+Tolerances, relative to the largest magnitude of the expected tensor:
+- float64 kernel vs float64 twin: 1e-12, forward and every gradient (sums in
+  another order; observed ~1e-15);
+- float32 kernel vs float64 twin on the same values: 2e-6 for the forward (five
+  chained C x C products and two LayerNorms in float32; observed 1-3e-7), 1e-5 for
+  the gradients (and their backward; observed up to 5e-6, C = 256 with one slot);
 - the twin vs SlotLevel.update/refine and the queries as the reference backend
   forms them, float64: 1e-14 (the same ATen ops, one reshape apart).
 Repeated runs, and runs on 1 or 2 threads, must agree bit for bit.
@@ -24,6 +27,7 @@ from exposure_slot.ops.slot_update import WEIGHT_NAMES, level_weights, slot_upda
 from exposure_slot.slot_attention import SlotLevel
 
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 2e-6}
+GRAD_TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def make_case(batch, slots, channels, seed, dtype=torch.float64):
@@ -118,12 +122,97 @@ def test_bitwise_repeatable_and_thread_count_independent(restore_threads):
     assert all(torch.equal(a, b) for out in outs[1:] for a, b in zip(outs[0], out))
 
 
+def forward_backward(level, slots, attn_sum, attn_v, backend, dtype, used=("slots", "queries"),
+                     seed=0):
+    """The two outputs and the gradients of every input (slots, attn_sum, attn_v, the
+    14 weights) of a random weighting of the ``used`` outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [t.detach().to(dtype).requires_grad_()
+              for t in (slots, attn_sum, attn_v, *level_weights(level))]
+    outputs = ops.slot_update(*leaves[:3], leaves[3:], level.scale, level.norm_slots.eps,
+                              backend=backend)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+               for name, o in zip(("slots", "queries"), outputs) if name in used)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # to_q's, if q is unused
+    return [o.detach() for o in outputs] + [torch.zeros_like(t) if g is None else g
+                                            for t, g in zip(leaves, grads)]
+
+
+@requires_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch,slots,channels", [(1, 3, 128), (3, 7, 64), (3, 16, 16),
+                                                  (1, 1, 256), (2, 5, 24)])
+def test_gradients_match_the_twin(dtype, batch, slots, channels):
+    level, s, attn_sum, attn_v = make_case(batch, slots, channels, seed=batch * 10 + slots)
+    expected = forward_backward(level, s, attn_sum, attn_v, "reference", torch.float64)
+    actual = forward_backward(level, s, attn_sum, attn_v, "cpu", dtype)
+    assert len(actual) == 2 + 3 + len(WEIGHT_NAMES)
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == dtype and a.shape == e.shape
+        assert_close(a, e, (TOLERANCES if i < 2 else GRAD_TOLERANCES)[dtype])
+
+
+@requires_kernels
+@pytest.mark.parametrize("used", [("slots",), ("queries",)], ids=["slots", "queries"])
+def test_gradients_of_one_output(used):
+    # A level's last queries feed nothing: their gradient is None, taken as zeros.
+    level, s, attn_sum, attn_v = make_case(2, 7, 32, seed=8)
+    expected = forward_backward(level, s, attn_sum, attn_v, "reference", torch.float64, used)
+    actual = forward_backward(level, s, attn_sum, attn_v, "cpu", torch.float64, used)
+    for a, e in zip(actual, expected, strict=True):
+        assert_close(a, e, TOLERANCES[torch.float64])
+
+
+@requires_kernels
+def test_gradients_through_expanded_slots():
+    # The first iteration's slots: slots_mu expanded over the batch; its gradient is
+    # the sum over the batch.
+    level, _, attn_sum, attn_v = make_case(3, 7, 32, seed=9)
+    results = []
+    for backend in ("reference", "cpu"):
+        mu = level.slots_mu.detach().clone().requires_grad_()
+        out = ops.slot_update(mu.expand(3, -1, -1), attn_sum, attn_v, level_weights(level),
+                              level.scale, level.norm_slots.eps, backend=backend)
+        results.append(torch.autograd.grad(out[0].sum() + out[1].square().sum(), mu)[0])
+    assert_close(results[1], results[0], TOLERANCES[torch.float64])
+
+
+@requires_kernels
+def test_gradcheck():
+    level, s, attn_sum, attn_v = make_case(2, 3, 8, seed=10)
+    inputs = tuple(t.detach().requires_grad_() for t in (s, attn_sum, attn_v,
+                                                       *level_weights(level)))
+
+    def update(*tensors):
+        return ops.slot_update(*tensors[:3], tensors[3:], level.scale, 1e-5, backend="cpu")
+
+    assert torch.autograd.gradcheck(update, inputs, fast_mode=True)
+
+
 @requires_kernels
 def test_opcheck():
     level, s, attn_sum, attn_v = make_case(2, 5, 32, seed=5, dtype=torch.float32)
     weights = [w.detach() for w in level_weights(level)]
     torch.library.opcheck(torch.ops.exposure_slot.slot_update,
                           (s, attn_sum, attn_v, *weights, level.scale, 1e-5))
+    # With gradients: the autograd registration against the op's own backward.
+    trainable = [t.detach().requires_grad_() for t in (s, attn_sum, attn_v, *weights)]
+    torch.library.opcheck(torch.ops.exposure_slot.slot_update,
+                          (*trainable, level.scale, 1e-5))
+    grads = (torch.randn(s.shape), torch.randn(s.shape))
+    torch.library.opcheck(torch.ops.exposure_slot.slot_update_backward,
+                          (*grads, s, attn_sum, attn_v, *weights, level.scale, 1e-5))
+
+
+@requires_kernels
+def test_backward_fake_kernel_on_meta_tensors():
+    level, s, attn_sum, attn_v = make_case(2, 5, 16, seed=11, dtype=torch.float32)
+    meta = [t.detach().to("meta") for t in (s, s, s, attn_sum, attn_v, *level_weights(level))]
+    g_slots, g_sum, g_v, g_weights = torch.ops.exposure_slot.slot_update_backward(
+        *meta, level.scale, 1e-5)
+    assert g_slots.shape == s.shape and g_sum.shape == attn_sum.shape
+    assert g_v.shape == attn_v.shape
+    assert [g.shape for g in g_weights] == [w.shape for w in level_weights(level)]
 
 
 @requires_kernels
@@ -147,8 +236,6 @@ def test_errors_name_the_problem():
                [w.to("meta") for w in weights])
     with pytest.raises(ValueError, match="'cpu' backend only"):
         update(s, attn_sum, attn_v, weights, backend="cuda")
-    with pytest.raises(RuntimeError, match="no autograd"):
-        update(s, attn_sum, attn_v, trainable)  # the level's parameters require grad
     # The compiled op's own checks (what validate_args=False leaves).
     op = torch.ops.exposure_slot.slot_update
     plain = weights
@@ -156,3 +243,9 @@ def test_errors_name_the_problem():
         op(s, attn_sum, attn_v, plain[0], plain[0][:16], *plain[2:], level.scale, 1e-5)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         op(s.half(), attn_sum.half(), attn_v.half(), *[w.half() for w in plain], level.scale, 1e-5)
+    backward = torch.ops.exposure_slot.slot_update_backward
+    with pytest.raises(RuntimeError, match=r"slot_update_backward: grad_queries must be \[B, K, C\]"):
+        backward(s, s[:, :2], s, attn_sum, attn_v, *plain, level.scale, 1e-5)
+    with pytest.raises(RuntimeError, match=r"slot_update_backward: mlp_weight_2 must have shape"):
+        backward(s, s, s, attn_sum, attn_v, *plain[:8], plain[8][:8], *plain[9:], level.scale,
+                 1e-5)

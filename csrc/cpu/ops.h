@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace exposure_slot::cpu {
 
@@ -73,6 +74,18 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
     const at::Tensor& norm_pre_ff_weight, const at::Tensor& norm_pre_ff_bias,
     const at::Tensor& mlp_weight_1, const at::Tensor& mlp_bias_1,
     const at::Tensor& mlp_weight_2, const at::Tensor& mlp_bias_2,
+    const at::Tensor& norm_slots_weight, const at::Tensor& norm_slots_bias,
+    const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
+    double norm_eps);
+
+// (grad slots, grad attn_sum, grad attn_v, the 14 weights' gradients)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> slot_update_backward_cpu(
+    const at::Tensor& grad_slots, const at::Tensor& grad_queries, const at::Tensor& slots,
+    const at::Tensor& attn_sum, const at::Tensor& attn_v, const at::Tensor& gru_weight_ih,
+    const at::Tensor& gru_weight_hh, const at::Tensor& gru_bias_ih,
+    const at::Tensor& gru_bias_hh, const at::Tensor& norm_pre_ff_weight,
+    const at::Tensor& norm_pre_ff_bias, const at::Tensor& mlp_weight_1,
+    const at::Tensor& mlp_bias_1, const at::Tensor& mlp_weight_2, const at::Tensor& mlp_bias_2,
     const at::Tensor& norm_slots_weight, const at::Tensor& norm_slots_bias,
     const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
     double norm_eps);

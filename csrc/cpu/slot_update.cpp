@@ -1,5 +1,5 @@
-// A slot level's update between two passes, on the CPU: exposure_slot::slot_update,
-// for inference (no autograd; training runs the same steps as ATen ops).
+// A slot level's update between two passes, on the CPU: exposure_slot::slot_update
+// and its backward, exposure_slot::slot_update_backward.
 //
 // Formula (SPEC section 1), for each of the R = B*K slots, rows of C values:
 //   u  = attn_v / attn_sum                           the pass's weighted mean of v
@@ -13,6 +13,13 @@
 // weights (9 C x C, 590 kB at C = 128) arrive cold after a pass has streamed
 // its tokens through the cache: ~200 us per update, against ~30 us here.
 //
+// Backward (the autograd formula of slot_update, for training): the gradients of
+// every input from those of s' and q, by the chain rule through the steps above
+// (LayerNorms by ATen's own backward), recomputing the forward's intermediates.
+// Its products are on [R, C] and [R, 3C] matrices: ATen calls from here (about 45,
+// a few microseconds each), where the same steps under autograd cost a node and a
+// Python frame each.
+//
 // Memory layout: slots, attn_v [B,K,C], attn_sum [B,K]; the weights as
 // nn.Linear / nn.GRUCell hold them, [out, in] row-major, so each output value is
 // the dot product of a weight row with an input row (common.h's `dot`).
@@ -22,13 +29,15 @@
 // row-wise step its rows. Every value is computed by one thread in a fixed order,
 // so the results do not depend on the thread count.
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -177,9 +186,9 @@ void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Wei
 }
 
 void check_weight(const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                  at::ScalarType dtype) {
-  check_float_cpu(kOp, name, t, dtype, "slots");
-  TORCH_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ",
+                  at::ScalarType dtype, const char* op = kOp) {
+  check_float_cpu(op, name, t, dtype, "slots");
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
               t.sizes());
 }
 
@@ -238,6 +247,104 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
   return {new_slots, queries};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> slot_update_backward_cpu(
+    const at::Tensor& grad_slots, const at::Tensor& grad_queries, const at::Tensor& slots,
+    const at::Tensor& attn_sum, const at::Tensor& attn_v, const at::Tensor& gru_weight_ih,
+    const at::Tensor& gru_weight_hh, const at::Tensor& gru_bias_ih,
+    const at::Tensor& gru_bias_hh, const at::Tensor& norm_pre_ff_weight,
+    const at::Tensor& norm_pre_ff_bias, const at::Tensor& mlp_weight_1,
+    const at::Tensor& mlp_bias_1, const at::Tensor& mlp_weight_2, const at::Tensor& mlp_bias_2,
+    const at::Tensor& norm_slots_weight, const at::Tensor& norm_slots_bias,
+    const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
+    double norm_eps) {
+  const char* op = "slot_update_backward";
+  const at::ScalarType dtype = slots.scalar_type();
+  check_float_cpu(op, "slots", slots, dtype, "slots");
+  TORCH_CHECK(slots.dim() == 3, op, ": slots must be [B, K, C], got shape ", slots.sizes());
+  const int64_t B = slots.size(0), K = slots.size(1), C = slots.size(2), R = B * K;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_slots", grad_slots},
+                                {"grad_queries", grad_queries}, {"attn_v", attn_v}}) {
+    check_float_cpu(op, name, t, dtype, "slots");
+    check_shape(op, name, t, {B, K, C}, "[B, K, C] like slots");
+  }
+  check_float_cpu(op, "attn_sum", attn_sum, dtype, "slots");
+  check_shape(op, "attn_sum", attn_sum, {B, K}, "[B, K]");
+  const std::array<std::pair<const char*, const at::Tensor*>, 14> weights{{
+      {"gru_weight_ih", &gru_weight_ih}, {"gru_weight_hh", &gru_weight_hh},
+      {"gru_bias_ih", &gru_bias_ih}, {"gru_bias_hh", &gru_bias_hh},
+      {"norm_pre_ff_weight", &norm_pre_ff_weight}, {"norm_pre_ff_bias", &norm_pre_ff_bias},
+      {"mlp_weight_1", &mlp_weight_1}, {"mlp_bias_1", &mlp_bias_1},
+      {"mlp_weight_2", &mlp_weight_2}, {"mlp_bias_2", &mlp_bias_2},
+      {"norm_slots_weight", &norm_slots_weight}, {"norm_slots_bias", &norm_slots_bias},
+      {"to_q_weight", &to_q_weight}, {"to_q_bias", &to_q_bias}}};
+  for (const auto& [name, t] : weights) {
+    const bool gru = name[0] == 'g';
+    const bool matrix = std::string_view(name).find("weight") != std::string_view::npos &&
+                        std::string_view(name).find("norm") == std::string_view::npos;
+    const int64_t rows = gru ? 3 * C : C;
+    if (matrix) {
+      check_weight(name, *t, {rows, C}, dtype, op);
+    } else {
+      check_weight(name, *t, {rows}, dtype, op);
+    }
+  }
+
+  // The forward again, keeping what the backward needs.
+  const at::Tensor s = slots.reshape({R, C}), sums = attn_sum.reshape({R, 1});
+  const at::Tensor u = attn_v.reshape({R, C}) / sums;
+  const at::Tensor gi = at::addmm(gru_bias_ih, u, gru_weight_ih.t());
+  const at::Tensor gh = at::addmm(gru_bias_hh, s, gru_weight_hh.t());
+  const auto gi_gates = gi.chunk(3, 1), gh_gates = gh.chunk(3, 1);
+  const at::Tensor r = at::sigmoid(gi_gates[0] + gh_gates[0]);
+  const at::Tensor z = at::sigmoid(gi_gates[1] + gh_gates[1]);
+  const at::Tensor n = at::tanh(gi_gates[2] + r * gh_gates[2]);
+  const at::Tensor h = n + z * (s - n);
+  const auto [normed_h, mean_h, rstd_h] =
+      at::native_layer_norm(h, {C}, norm_pre_ff_weight, norm_pre_ff_bias, norm_eps);
+  const at::Tensor pre_relu = at::addmm(mlp_bias_1, normed_h, mlp_weight_1.t());
+  const at::Tensor hidden = at::relu(pre_relu);
+  const at::Tensor new_slots = h + at::addmm(mlp_bias_2, hidden, mlp_weight_2.t());
+  const auto [normed_s, mean_s, rstd_s] =
+      at::native_layer_norm(new_slots, {C}, norm_slots_weight, norm_slots_bias, norm_eps);
+
+  const std::array<bool, 3> all{true, true, true};
+  // q = (W_q normed_s + b_q) * scale
+  const at::Tensor g_q = grad_queries.reshape({R, C}) * scale;
+  const at::Tensor g_to_q_weight = g_q.t().mm(normed_s), g_to_q_bias = g_q.sum(0);
+  auto [g_new_slots, g_norm_slots_weight, g_norm_slots_bias] = at::native_layer_norm_backward(
+      g_q.mm(to_q_weight), new_slots, {C}, mean_s, rstd_s, norm_slots_weight, norm_slots_bias,
+      all);
+  g_new_slots += grad_slots.reshape({R, C});
+  // s' = h + W_2 relu(W_1 normed_h + b_1) + b_2
+  const at::Tensor g_mlp_weight_2 = g_new_slots.t().mm(hidden);
+  const at::Tensor g_mlp_bias_2 = g_new_slots.sum(0);
+  const at::Tensor g_pre_relu = at::threshold_backward(g_new_slots.mm(mlp_weight_2), pre_relu, 0);
+  const at::Tensor g_mlp_weight_1 = g_pre_relu.t().mm(normed_h);
+  const at::Tensor g_mlp_bias_1 = g_pre_relu.sum(0);
+  auto [g_h, g_norm_pre_ff_weight, g_norm_pre_ff_bias] = at::native_layer_norm_backward(
+      g_pre_relu.mm(mlp_weight_1), h, {C}, mean_h, rstd_h, norm_pre_ff_weight, norm_pre_ff_bias,
+      all);
+  g_h += g_new_slots;
+  // h = n + z (s - n): the gates' pre-activations (r's through n's r * gh_n)
+  const at::Tensor g_pre_n = g_h * (1 - z) * (1 - n * n);
+  const at::Tensor g_pre_z = g_h * (s - n) * z * (1 - z);
+  const at::Tensor g_pre_r = g_pre_n * gh_gates[2] * r * (1 - r);
+  const at::Tensor g_gi = at::cat({g_pre_r, g_pre_z, g_pre_n}, 1);
+  const at::Tensor g_gh = at::cat({g_pre_r, g_pre_z, g_pre_n * r}, 1);
+  const at::Tensor g_u = g_gi.mm(gru_weight_ih);
+  const at::Tensor g_slots = g_h * z + g_gh.mm(gru_weight_hh);
+  // u = attn_v / attn_sum
+  const at::Tensor g_attn_v = g_u / sums;
+  const at::Tensor g_attn_sum = -(g_u * u).sum(1) / sums.squeeze(1);
+  std::vector<at::Tensor> g_weights{
+      g_gi.t().mm(u), g_gh.t().mm(s), g_gi.sum(0), g_gh.sum(0),
+      g_norm_pre_ff_weight, g_norm_pre_ff_bias, g_mlp_weight_1, g_mlp_bias_1,
+      g_mlp_weight_2, g_mlp_bias_2, g_norm_slots_weight, g_norm_slots_bias,
+      g_to_q_weight, g_to_q_bias};
+  return {g_slots.view({B, K, C}), g_attn_sum.view({B, K}), g_attn_v.view({B, K, C}),
+          std::move(g_weights)};
+}
+
 at::Tensor slot_queries_cpu(const at::Tensor& slots, const at::Tensor& norm_slots_weight,
                             const at::Tensor& norm_slots_bias, const at::Tensor& to_q_weight,
                             const at::Tensor& to_q_bias, double scale, double norm_eps) {
@@ -268,4 +375,5 @@ at::Tensor slot_queries_cpu(const at::Tensor& slots, const at::Tensor& norm_slot
 
 TORCH_LIBRARY_IMPL(exposure_slot, CPU, m) {
   m.impl("slot_update", &exposure_slot::cpu::slot_update_cpu);
+  m.impl("slot_update_backward", &exposure_slot::cpu::slot_update_backward_cpu);
 }

@@ -273,9 +273,8 @@ def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tenso
     """A slot level's update after a pass: ``(new slots, next queries)`` from the slots
     [B,K,C], the pass's ``attn_sum`` [B,K] and ``attn_v`` [B,K,C] and the level's
     ``weights`` (``exposure_slot.ops.slot_update.level_weights(level)``); see
-    ``exposure_slot.ops.slot_update``. For inference: the compiled op (backend "cpu")
-    has no autograd, so it refuses tensors that require grad while grad mode is on;
-    "reference" runs the differentiable twin on any device."""
+    ``exposure_slot.ops.slot_update``. Differentiable in every tensor: the compiled op
+    (backend "cpu") has its own backward; "reference" runs the twin on any device."""
     weights = list(weights)
     if validate_args:
         _slot_update.check_args(slots, attn_sum, attn_v, *weights, dtypes=_dtypes(backend))
@@ -285,10 +284,6 @@ def slot_update(slots: torch.Tensor, attn_sum: torch.Tensor, attn_v: torch.Tenso
     if backend != "cpu":
         raise ValueError(f"slot_update: compiled for the 'cpu' backend only (on CUDA, a CUDA "
                          f"graph removes the small ops' launch cost); got backend {backend!r}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (slots, attn_sum, attn_v, *weights)):
-        raise RuntimeError("slot_update: the compiled op is for inference and has no autograd; "
-                           "use backend 'reference' when gradients are needed (or call it "
-                           "under torch.no_grad())")
     return _select("slot_update", backend, slot_update_reference, slots.device)(
         slots, attn_sum, attn_v, *weights, float(scale), float(norm_eps))
 

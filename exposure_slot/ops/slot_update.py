@@ -1,18 +1,18 @@
-"""A slot level's update between two slot-attention passes, for inference (no
-autograd):
+"""A slot level's update between two slot-attention passes:
 
     u  = attn_v / attn_sum
     s' = h + mlp(LayerNorm_pre_ff(h)),   h = GRUCell(input=u, hidden=slots)
     q  = to_q(LayerNorm_slots(s')) * scale
 
 returning ``(s', q)``: the level's new slots and the queries of its next pass (SPEC
-section 1). Training runs the same steps as ATen ops (``SlotLevel.update`` and
-``refine``); under inference the fused backend ``cpu`` calls this op once per
-iteration instead of a few dozen small ATen ops.
+section 1). The fused backend ``cpu`` calls this op once per iteration instead of
+a few dozen small ATen ops (and as many autograd nodes in training); its backward,
+``slot_update_backward``, takes the gradients of every input from those of ``s'``
+and ``q``.
 
-This module is the op's Python side: the reference twin, argument checks and the
-fake kernel of ``torch.ops.exposure_slot.slot_update``, which ``register()``
-attaches. The C++ kernel is ``csrc/cpu/slot_update.cpp``.
+This module is the op's Python side: the reference twin, argument checks, the
+fake kernels and the autograd formula of ``torch.ops.exposure_slot.slot_update``,
+which ``register()`` attaches. The C++ kernels are ``csrc/cpu/slot_update.cpp``.
 """
 
 from __future__ import annotations
@@ -99,6 +99,38 @@ def _fake(slots, attn_sum, attn_v, *weights_and_scalars):
     return slots.new_empty(slots.shape), slots.new_empty(slots.shape)
 
 
+def _fake_backward(grad_slots, grad_queries, slots, attn_sum, attn_v, *weights_and_scalars):
+    weights = weights_and_scalars[:-2]
+    check_args(slots, attn_sum, attn_v, *weights, op="slot_update_backward")
+    return (slots.new_empty(slots.shape), attn_sum.new_empty(attn_sum.shape),
+            attn_v.new_empty(attn_v.shape), [w.new_empty(w.shape) for w in weights])
+
+
+def _setup_context(ctx, inputs, output):
+    slots, attn_sum, attn_v, *weights, scale, norm_eps = inputs
+    ctx.scalars = (scale, norm_eps)
+    ctx.save_for_backward(slots, attn_sum, attn_v, *weights)
+
+
+def _backward_of(namespace: str):
+    backward_op = getattr(torch.ops, namespace).slot_update_backward
+
+    def backward(ctx, grad_slots, grad_queries):
+        slots, *rest = ctx.saved_tensors
+        # An output nothing used (a level's last queries) has no gradient.
+        grad_slots = torch.zeros_like(slots) if grad_slots is None else grad_slots
+        grad_queries = torch.zeros_like(slots) if grad_queries is None else grad_queries
+        g_slots, g_attn_sum, g_attn_v, g_weights = backward_op(grad_slots, grad_queries, slots,
+                                                               *rest, *ctx.scalars)
+        return (g_slots, g_attn_sum, g_attn_v, *g_weights, None, None)
+
+    return backward
+
+
 def register(namespace: str = "exposure_slot") -> None:
-    """Attach the fake kernel to ``namespace::slot_update`` (see ``mask_fusion.register``)."""
+    """Attach the fake kernels and the autograd formula to ``namespace::slot_update``
+    (see ``mask_fusion.register``)."""
     torch.library.register_fake(f"{namespace}::slot_update", _fake)
+    torch.library.register_fake(f"{namespace}::slot_update_backward", _fake_backward)
+    torch.library.register_autograd(f"{namespace}::slot_update", _backward_of(namespace),
+                                    setup_context=_setup_context)
