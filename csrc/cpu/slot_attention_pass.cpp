@@ -935,6 +935,27 @@ struct RowGrads {
   T* prompts = nullptr;  // [B or 1,K,C]
 };
 
+// The attention's backward for one block of channels (from c0) of the tile's token
+// t: gk = sum_i gl[i, t] k_rows_i (the logits' gradients times the queries) and
+// gv = sum_i a[i, t] v_rows_i (A times the slots' gradients), [K, kTile] weights and
+// [K, C] rows.
+template <typename T, typename Block>
+inline void slot_sums_block(const T* gl, const T* a, int64_t t, const T* __restrict__ k_rows,
+                            const T* __restrict__ v_rows, int64_t K, int64_t C, int64_t c0,
+                            Block blk, typename Block::Unit* __restrict__ gk,
+                            typename Block::Unit* __restrict__ gv) {
+  using U = typename Block::Unit;
+  constexpr int64_t S = Block::kStride;
+  for (int64_t u = 0; u < blk.units; ++u) gk[u] = gv[u] = U{};
+  for (int64_t i = 0; i < K; ++i) {
+    const T g = gl[i * kTile + t], w = a[i * kTile + t];
+    for (int64_t u = 0; u < blk.units; ++u) {
+      gk[u] += g * load<U>(k_rows + i * C + c0 + u * S);
+      gv[u] += w * load<U>(v_rows + i * C + c0 + u * S);
+    }
+  }
+}
+
 // Through the softmax, for the `count` tokens of a tile from n0 at once (slots as
 // rows, as softmax_columns): a[i, t] = A_i from attn, s_i = A_i - attn_eps
 // renormalised (attn - attn_eps sums to 1 only up to rounding; with one slot the
@@ -1083,14 +1104,7 @@ void backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, const T* 
             using U = typename Block::Unit;
             constexpr int64_t S = Block::kStride;
             U gk_sum[Block::kCapacity], gv_sum[Block::kCapacity];
-            for (int64_t u = 0; u < blk.units; ++u) gk_sum[u] = gv_sum[u] = U{};
-            for (int64_t i = 0; i < K; ++i) {
-              const T gl = tile.attn[i * kTile + t], a_i = a[i * kTile + t];
-              for (int64_t u = 0; u < blk.units; ++u) {
-                gk_sum[u] += gl * load<U>(q + i * C + c0 + u * S);
-                gv_sum[u] += a_i * load<U>(gv_b + i * C + c0 + u * S);
-              }
-            }
+            slot_sums_block(tile.attn.data(), a.data(), t, q, gv_b, K, C, c0, blk, gk_sum, gv_sum);
             if (rows) {
               for (int64_t u = 0; u < blk.units; ++u) {
                 const U pf_c = load<U>(pf.data() + t * C + c0 + u * S);
@@ -1313,14 +1327,7 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
             using U = typename Block::Unit;
             constexpr int64_t S = Block::kStride;
             U ghk[Block::kCapacity], ghv[Block::kCapacity];
-            for (int64_t u = 0; u < blk.units; ++u) ghk[u] = ghv[u] = U{};
-            for (int64_t i = 0; i < K; ++i) {
-              const T g = gl[i * kTile + t], w = a[i * kTile + t];
-              for (int64_t u = 0; u < blk.units; ++u) {
-                ghk[u] += g * load<U>(qw_b + i * C + c0 + u * S);
-                ghv[u] += w * load<U>(gw_b + i * C + c0 + u * S);
-              }
-            }
+            slot_sums_block(gl.data(), a.data(), t, qw_b, gw_b, K, C, c0, blk, ghk, ghv);
             for (int64_t u = 0; u < blk.units; ++u) {
               const int64_t c = c0 + u * S;
               const U h = load<U>(hk + c);
