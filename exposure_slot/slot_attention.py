@@ -22,7 +22,8 @@ Two implementations of the same computation:
   input rows k * pf and v * pf ([B, N, C] each, once per call of the child:
   ``slot_attention_pass_rows``), so that every pass runs one stage, its level's
   own LayerNorm and modulation, over its level's input (the GPU backends recompute
-  the chain from the top level's inputs in every pass). Under inference on "cpu"
+  the chain from the top level's inputs in every pass), and each slot update is
+  one differentiable op, ``slot_update``. Under inference on "cpu"
   the whole forward is one op,
   ``slot_in_slot_inference``, which runs this schedule in C++ (no Python between
   its kernel calls) with more fusions: a level with a child hands the child its
