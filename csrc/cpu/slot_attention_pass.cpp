@@ -228,6 +228,17 @@ inline NormStats<T> norm_stats(const T* __restrict__ xk, const T* __restrict__ x
   return finish_norm_stats(shift_k, shift_v, sums, C, eps);
 }
 
+// The statistics of token `row`'s one stage (a pass of one stage): the pass's known
+// ones, or from its rows xk, xv (the same values either way).
+template <typename T>
+inline NormStats<T> one_stage_stats(const Pass<T>& p, int64_t row, const T* xk, const T* xv) {
+  if (p.known_stages == 1) {
+    const T* known = p.known_stats + row * 4;
+    return {known[0], known[1], known[2], known[3]};
+  }
+  return norm_stats(xk, xv, p.channels, p.norm_eps);
+}
+
 // What a token's chain keeps besides its output rows: nothing (a pass), its last
 // stage's modulation when that has factors (a hand-down of a modulation, into a row
 // `last_mod`; a hand-down of rows passes none), or
@@ -710,10 +721,7 @@ TileRows<T> folded_tile(const Pass<T>& p, int64_t b, int64_t n0, int64_t count, 
   const T* k = p.k_in + row0 * C;
   const T* v = p.v_in + row0 * C;
   for (int64_t t = 0; t < count; ++t) {
-    const T* known = p.known_stages == 1 ? p.known_stats + (row0 + t) * 4 : nullptr;
-    const NormStats<T> st = known != nullptr
-                                ? NormStats<T>{known[0], known[1], known[2], known[3]}
-                                : norm_stats(k + t * C, v + t * C, C, p.norm_eps);
+    const NormStats<T> st = one_stage_stats(p, row0 + t, k + t * C, v + t * C);
     stats[(n0 + t) * p.stats_stages()] = st;
     fold.mean_k[t] = st.mean_k;
     fold.rstd_k[t] = st.rstd_k;
@@ -1241,10 +1249,8 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
     AlignedVector<T> h_k(kTile * C), h_v(kTile * C);  // the tile's normalised rows
     // [K, kTile] each: gw_i . h_v, gl, A, s; [K]: gA's slot terms; [kTile]: v's means
     AlignedVector<T> dots(K * kTile), gl(K * kTile), a(K * kTile), s(K * kTile), slot_terms(K);
-    AlignedVector<T> mean_gh_v(kTile), mean_ghh_v(kTile), ghk_scratch(C);
-    AlignedVector<T> gv_scratch(C);
-    T* ghk_row = ghk_scratch.data();  // a token's gh_k, then its gradient gk
-    T* gv_row = gv_scratch.data();    // a token's gv
+    AlignedVector<T> mean_gh_v(kTile), mean_ghh_v(kTile), ghk_row(C);  // a token's gh_k
+    AlignedVector<T> g_scratch(stream ? 2 * C : 0);  // a token's gk and gv, streamed
     std::array<T, kTile> rstd_k{}, rstd_v{};
     V counted[kTile / L];
 #pragma omp for schedule(static)
@@ -1262,10 +1268,7 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
           const int64_t row = b * N + n0 + t;
           const T* xk = p.k_in + row * C;
           const T* xv = p.v_in + row * C;
-          const T* known = p.known_stages == 1 ? p.known_stats + row * 4 : nullptr;
-          const NormStats<T> st = known != nullptr
-                                      ? NormStats<T>{known[0], known[1], known[2], known[3]}
-                                      : norm_stats(xk, xv, C, p.norm_eps);
+          const NormStats<T> st = one_stage_stats(p, row, xk, xv);
           rstd_k[t] = st.rstd_k;
           rstd_v[t] = st.rstd_v;
           T* hk = h_k.data() + t * C;
@@ -1312,10 +1315,10 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
           const int64_t n = n0 + t;
           const T* hk = h_k.data() + t * C;
           const T* hv = h_v.data() + t * C;
-          T* __restrict__ gk = grad_k_in + (b * N + n) * C;
-          T* __restrict__ gv = grad_v_in + (b * N + n) * C;
-          T* __restrict__ gk_out = stream ? ghk_row : gk;  // streamed from scratch
-          T* __restrict__ gv_out = stream ? gv_row : gv;
+          T* const gk_out = grad_k_in + (b * N + n) * C;
+          T* const gv_out = grad_v_in + (b * N + n) * C;
+          T* __restrict__ gk = stream ? g_scratch.data() : gk_out;  // streamed from scratch
+          T* __restrict__ gv = stream ? g_scratch.data() + C : gv_out;
           const T rk = rstd_k[t], rv = rstd_v[t];
           if (n + kTile < chunks.end(chunk, N)) {
             prefetch_row(p.k_in + (b * N + n + kTile) * C, C);
@@ -1331,21 +1334,21 @@ void folded_backward_kernel(const Pass<T>& p, const T* attn, const T* g_attn, co
             for (int64_t u = 0; u < blk.units; ++u) {
               const int64_t c = c0 + u * S;
               const U h = load<U>(hk + c);
-              store(ghk_row + c, ghk[u]);
+              store(ghk_row.data() + c, ghk[u]);
               add_lanes<T>(sums[0], ghk[u]);
               add_lanes<T>(sums[1], ghk[u] * h);
-              store(gv_out + c, rv * (ghv[u] - mean_gh_v[t] - load<U>(hv + c) * mean_ghh_v[t]));
+              store(gv + c, rv * (ghv[u] - mean_gh_v[t] - load<U>(hv + c) * mean_ghh_v[t]));
             }
           });
           const T mean_gh_k = sum_lanes(reinterpret_cast<const T*>(&sums[0])) / T(C);
           const T mean_ghh_k = sum_lanes(reinterpret_cast<const T*>(&sums[1])) / T(C);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            gk_out[c] = rk * (ghk_row[c] - mean_gh_k - hk[c] * mean_ghh_k);
+            gk[c] = rk * (ghk_row[c] - mean_gh_k - hk[c] * mean_ghh_k);
           }
           if (stream) {
-            stream_row(gk, ghk_row, C);
-            stream_row(gv, gv_row, C);
+            stream_row(gk_out, gk, C);
+            stream_row(gv_out, gv, C);
           }
         }
         weighted_row_sums(gl.data(), kTile, h_k.data(), C, count, K, C, partial, [] {});

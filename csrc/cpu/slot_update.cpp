@@ -35,7 +35,6 @@
 
 #include <array>
 #include <cmath>
-#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -185,11 +184,37 @@ void update_kernel(const T* slots, const T* attn_sum, const T* attn_v, const Wei
   }
 }
 
-void check_weight(const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                  at::ScalarType dtype, const char* op = kOp) {
+void check_weight(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
   check_float_cpu(op, name, t, dtype, "slots");
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
               t.sizes());
+}
+
+// The inputs of slot_update and of its backward (`op`): B, K, C from slots.
+void check_update_args(const char* op, const at::Tensor& slots, const at::Tensor& attn_sum,
+                       const at::Tensor& attn_v, const Weights& w) {
+  const at::ScalarType dtype = slots.scalar_type();
+  check_float_cpu(op, "slots", slots, dtype, "slots");
+  TORCH_CHECK(slots.dim() == 3, op, ": slots must be [B, K, C], got shape ", slots.sizes());
+  const int64_t B = slots.size(0), K = slots.size(1), C = slots.size(2);
+  check_weight(op, "attn_v", attn_v, {B, K, C}, dtype);
+  check_weight(op, "attn_sum", attn_sum, {B, K}, dtype);
+  check_weight(op, "gru_weight_ih", w.gru_weight_ih, {3 * C, C}, dtype);
+  check_weight(op, "gru_weight_hh", w.gru_weight_hh, {3 * C, C}, dtype);
+  check_weight(op, "gru_bias_ih", w.gru_bias_ih, {3 * C}, dtype);
+  check_weight(op, "gru_bias_hh", w.gru_bias_hh, {3 * C}, dtype);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"norm_pre_ff_weight", w.norm_pre_ff_weight},
+                                {"norm_pre_ff_bias", w.norm_pre_ff_bias},
+                                {"mlp_bias_1", w.mlp_bias_1}, {"mlp_bias_2", w.mlp_bias_2},
+                                {"norm_slots_weight", w.norm_slots_weight},
+                                {"norm_slots_bias", w.norm_slots_bias}, {"to_q_bias", w.to_q_bias}}) {
+    check_weight(op, name, t, {C}, dtype);
+  }
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mlp_weight_1", w.mlp_weight_1},
+                                {"mlp_weight_2", w.mlp_weight_2}, {"to_q_weight", w.to_q_weight}}) {
+    check_weight(op, name, t, {C, C}, dtype);
+  }
 }
 
 }  // namespace
@@ -204,36 +229,24 @@ std::tuple<at::Tensor, at::Tensor> slot_update_cpu(
     const at::Tensor& norm_slots_weight, const at::Tensor& norm_slots_bias,
     const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
     double norm_eps) {
+  const Weights given{gru_weight_ih,      gru_weight_hh,     gru_bias_ih,     gru_bias_hh,
+                      norm_pre_ff_weight, norm_pre_ff_bias,  mlp_weight_1,    mlp_bias_1,
+                      mlp_weight_2,       mlp_bias_2,        norm_slots_weight, norm_slots_bias,
+                      to_q_weight,        to_q_bias};
+  check_update_args(kOp, slots, attn_sum, attn_v, given);
   const at::ScalarType dtype = slots.scalar_type();
-  check_float_cpu(kOp, "slots", slots, dtype, "slots");
-  TORCH_CHECK(slots.dim() == 3, kOp, ": slots must be [B, K, C], got shape ", slots.sizes());
   const int64_t B = slots.size(0), K = slots.size(1), C = slots.size(2);
-  check_weight("attn_v", attn_v, {B, K, C}, dtype);
-  check_weight("attn_sum", attn_sum, {B, K}, dtype);
-  check_weight("gru_weight_ih", gru_weight_ih, {3 * C, C}, dtype);
-  check_weight("gru_weight_hh", gru_weight_hh, {3 * C, C}, dtype);
-  check_weight("gru_bias_ih", gru_bias_ih, {3 * C}, dtype);
-  check_weight("gru_bias_hh", gru_bias_hh, {3 * C}, dtype);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"norm_pre_ff_weight", norm_pre_ff_weight},
-                                {"norm_pre_ff_bias", norm_pre_ff_bias},
-                                {"mlp_bias_1", mlp_bias_1}, {"mlp_bias_2", mlp_bias_2},
-                                {"norm_slots_weight", norm_slots_weight},
-                                {"norm_slots_bias", norm_slots_bias}, {"to_q_bias", to_q_bias}}) {
-    check_weight(name, t, {C}, dtype);
-  }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mlp_weight_1", mlp_weight_1},
-                                {"mlp_weight_2", mlp_weight_2}, {"to_q_weight", to_q_weight}}) {
-    check_weight(name, t, {C, C}, dtype);
-  }
 
   // Contiguous copies where needed (the first iteration's slots are slots_mu
   // expanded over the batch).
   const auto dense = [](const at::Tensor& t) { return t.contiguous(); };
-  const Weights dw{dense(gru_weight_ih), dense(gru_weight_hh), dense(gru_bias_ih),
-                   dense(gru_bias_hh), dense(norm_pre_ff_weight), dense(norm_pre_ff_bias),
-                   dense(mlp_weight_1), dense(mlp_bias_1), dense(mlp_weight_2),
-                   dense(mlp_bias_2), dense(norm_slots_weight), dense(norm_slots_bias),
-                   dense(to_q_weight), dense(to_q_bias)};
+  const Weights dw{dense(given.gru_weight_ih),      dense(given.gru_weight_hh),
+                   dense(given.gru_bias_ih),        dense(given.gru_bias_hh),
+                   dense(given.norm_pre_ff_weight), dense(given.norm_pre_ff_bias),
+                   dense(given.mlp_weight_1),       dense(given.mlp_bias_1),
+                   dense(given.mlp_weight_2),       dense(given.mlp_bias_2),
+                   dense(given.norm_slots_weight),  dense(given.norm_slots_bias),
+                   dense(given.to_q_weight),        dense(given.to_q_bias)};
   const at::Tensor s = dense(slots), sums = dense(attn_sum), weighted = dense(attn_v);
   at::Tensor new_slots = at::empty({B, K, C}, slots.options());
   at::Tensor queries = at::empty({B, K, C}, slots.options());
@@ -258,35 +271,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> slot_upd
     const at::Tensor& to_q_weight, const at::Tensor& to_q_bias, double scale,
     double norm_eps) {
   const char* op = "slot_update_backward";
-  const at::ScalarType dtype = slots.scalar_type();
-  check_float_cpu(op, "slots", slots, dtype, "slots");
-  TORCH_CHECK(slots.dim() == 3, op, ": slots must be [B, K, C], got shape ", slots.sizes());
+  check_update_args(op, slots, attn_sum, attn_v,
+                    {gru_weight_ih, gru_weight_hh, gru_bias_ih, gru_bias_hh, norm_pre_ff_weight,
+                     norm_pre_ff_bias, mlp_weight_1, mlp_bias_1, mlp_weight_2, mlp_bias_2,
+                     norm_slots_weight, norm_slots_bias, to_q_weight, to_q_bias});
   const int64_t B = slots.size(0), K = slots.size(1), C = slots.size(2), R = B * K;
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_slots", grad_slots},
-                                {"grad_queries", grad_queries}, {"attn_v", attn_v}}) {
-    check_float_cpu(op, name, t, dtype, "slots");
+                                {"grad_queries", grad_queries}}) {
+    check_float_cpu(op, name, t, slots.scalar_type(), "slots");
     check_shape(op, name, t, {B, K, C}, "[B, K, C] like slots");
-  }
-  check_float_cpu(op, "attn_sum", attn_sum, dtype, "slots");
-  check_shape(op, "attn_sum", attn_sum, {B, K}, "[B, K]");
-  const std::array<std::pair<const char*, const at::Tensor*>, 14> weights{{
-      {"gru_weight_ih", &gru_weight_ih}, {"gru_weight_hh", &gru_weight_hh},
-      {"gru_bias_ih", &gru_bias_ih}, {"gru_bias_hh", &gru_bias_hh},
-      {"norm_pre_ff_weight", &norm_pre_ff_weight}, {"norm_pre_ff_bias", &norm_pre_ff_bias},
-      {"mlp_weight_1", &mlp_weight_1}, {"mlp_bias_1", &mlp_bias_1},
-      {"mlp_weight_2", &mlp_weight_2}, {"mlp_bias_2", &mlp_bias_2},
-      {"norm_slots_weight", &norm_slots_weight}, {"norm_slots_bias", &norm_slots_bias},
-      {"to_q_weight", &to_q_weight}, {"to_q_bias", &to_q_bias}}};
-  for (const auto& [name, t] : weights) {
-    const bool gru = name[0] == 'g';
-    const bool matrix = std::string_view(name).find("weight") != std::string_view::npos &&
-                        std::string_view(name).find("norm") == std::string_view::npos;
-    const int64_t rows = gru ? 3 * C : C;
-    if (matrix) {
-      check_weight(name, *t, {rows, C}, dtype, op);
-    } else {
-      check_weight(name, *t, {rows}, dtype, op);
-    }
   }
 
   // The forward again, keeping what the backward needs.
@@ -352,10 +345,10 @@ at::Tensor slot_queries_cpu(const at::Tensor& slots, const at::Tensor& norm_slot
   check_float_cpu(kOp, "slots", slots, dtype, "slots");
   TORCH_CHECK(slots.dim() == 3, kOp, ": slots must be [B, K, C], got shape ", slots.sizes());
   const int64_t R = slots.size(0) * slots.size(1), C = slots.size(2);
-  check_weight("norm_slots_weight", norm_slots_weight, {C}, dtype);
-  check_weight("norm_slots_bias", norm_slots_bias, {C}, dtype);
-  check_weight("to_q_weight", to_q_weight, {C, C}, dtype);
-  check_weight("to_q_bias", to_q_bias, {C}, dtype);
+  check_weight(kOp, "norm_slots_weight", norm_slots_weight, {C}, dtype);
+  check_weight(kOp, "norm_slots_bias", norm_slots_bias, {C}, dtype);
+  check_weight(kOp, "to_q_weight", to_q_weight, {C, C}, dtype);
+  check_weight(kOp, "to_q_bias", to_q_bias, {C}, dtype);
   const at::Tensor s = slots.contiguous(), nw = norm_slots_weight.contiguous(),
                    nb = norm_slots_bias.contiguous(), qw = to_q_weight.contiguous(),
                    qb = to_q_bias.contiguous();
